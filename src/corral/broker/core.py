@@ -1,0 +1,559 @@
+"""The broker's state machine: messages in, messages out, no I/O.
+
+:class:`BrokerCore` owns queues, workers, schedulers and the table of jobs in
+flight. The shell (:mod:`corral.broker.server`) feeds it every message it
+receives with the time, and sends what the core appended to :attr:`outbox`.
+Acknowledgements of accepted jobs go to :attr:`acks` instead, so that a shell
+with a store can hold them until the job is durably recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+from corral.broker.model import FINISHED, Job, JobState, Queue, Scheduler, Worker, peer_name
+from corral.protocol import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_QUEUE,
+    PROTOCOL,
+    Ack,
+    Disconnect,
+    Error,
+    Heartbeat,
+    Inform,
+    Kbye,
+    Message,
+    ProtocolError,
+    Ready,
+    Reply,
+    Request,
+    Schedule,
+    ShowSchedulers,
+    ShowWorkers,
+    Status,
+    encode_outcome_error,
+    new_msgid,
+    parse,
+)
+
+log = logging.getLogger("corral.broker")
+
+_REPLY = b"REPLY"
+_REQUEST = b"REQUEST"
+
+
+class Dest(IntEnum):
+    FRONTEND = 0
+    BACKEND = 1
+    ADMIN = 2
+
+
+Outgoing = tuple[Dest, bytes, list[bytes]]
+
+
+@dataclass(slots=True)
+class BrokerConfig:
+    """Broker settings that the core's decisions depend on.
+
+    ``heartbeat_interval`` seconds between HEARTBEATs to workers and
+    schedulers (EventMQ: 3); a peer silent for ``heartbeat_liveness``
+    intervals is dead. ``default_queues`` serve workers that INFORM with no
+    queues. ``max_frame`` bounds a single frame's size in bytes.
+    """
+
+    heartbeat_interval: float = 3.0
+    heartbeat_liveness: int = 3
+    default_queues: tuple[tuple[int, str], ...] = ((10, DEFAULT_QUEUE),)
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: How many distinct (peer, reason) pairs of bad input are remembered for log-once.
+    bad_input_memory: int = 4096
+
+
+@dataclass(slots=True)
+class Stats:
+    malformed: Counter[str] = field(default_factory=Counter)
+    accepted: int = 0
+    completed: int = 0
+    duplicate_replies: int = 0
+    unknown_replies: int = 0
+    workers_lost: int = 0
+    requeued: int = 0
+
+
+class BrokerCore:
+    """Routing, dispatch and the in-flight job table of one broker."""
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.queues: dict[str, Queue] = {}
+        self.workers: dict[bytes, Worker] = {}
+        self.schedulers: dict[bytes, Scheduler] = {}
+        #: Jobs accepted and not yet finished, by id.
+        self.jobs: dict[str, Job] = {}
+        self.outbox: list[Outgoing] = []
+        self.acks: list[Outgoing] = []
+        self.stats = Stats()
+        self.stopping = False
+        self._next_heartbeat = 0.0
+        self._logged: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        self._pending_schedules: list[list[bytes]] = []
+        self._rr_scheduler = 0
+
+    # ------------------------------------------------------------ entry points
+
+    def on_frontend(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+        msg = self._parse(Dest.FRONTEND, identity, frames)
+        if msg is None:
+            return
+        if isinstance(msg, Request):
+            self._on_request(identity, msg, frames, now)
+        elif isinstance(msg, Inform):
+            self._on_scheduler_inform(identity, msg, now)
+        elif isinstance(msg, Heartbeat):
+            sched = self.schedulers.get(identity)
+            if sched is not None:
+                sched.last_seen = now
+        elif isinstance(msg, Schedule):  # and Unschedule
+            self._on_schedule(identity, msg, frames)
+        elif isinstance(msg, Kbye):
+            self.schedulers.pop(identity, None)
+        elif isinstance(msg, Disconnect):
+            self.stopping = True
+        elif isinstance(msg, Ack | Reply | Error):
+            pass  # schedulers may answer us; nothing to do
+        else:
+            self._refuse(
+                Dest.FRONTEND,
+                identity,
+                "unexpected-command",
+                f"{msg.command.value} is not accepted on the frontend",
+                msg.msgid,
+            )
+
+    def on_backend(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+        msg = self._parse(Dest.BACKEND, identity, frames)
+        if msg is None:
+            return
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = now
+        if isinstance(msg, Ready):
+            if worker is None:
+                self._refuse(
+                    Dest.BACKEND,
+                    identity,
+                    "unknown-worker",
+                    "READY before INFORM; send INFORM first",
+                    msg.msgid,
+                )
+                return
+            self._on_ready(worker, now)
+        elif isinstance(msg, Reply):
+            self._on_result(identity, worker, msg, now)
+        elif isinstance(msg, Inform):
+            self._on_worker_inform(identity, msg, now)
+        elif isinstance(msg, Heartbeat):
+            if worker is None:
+                self._refuse(
+                    Dest.BACKEND,
+                    identity,
+                    "unknown-worker",
+                    "HEARTBEAT from a worker that has not INFORMed",
+                    msg.msgid,
+                )
+        elif isinstance(msg, Kbye):
+            if worker is not None:
+                self._remove_worker(worker, now, reason="said goodbye")
+        elif isinstance(msg, Ack | Error):
+            pass
+        else:
+            self._refuse(
+                Dest.BACKEND,
+                identity,
+                "unexpected-command",
+                f"{msg.command.value} is not accepted on the backend",
+                msg.msgid,
+            )
+
+    def on_admin(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+        msg = self._parse(Dest.ADMIN, identity, frames)
+        if msg is None:
+            return
+        if isinstance(msg, Status):
+            self._send_json(Dest.ADMIN, identity, self.status(now))
+        elif isinstance(msg, ShowWorkers):
+            self._send_json(Dest.ADMIN, identity, self.show_workers(now))
+        elif isinstance(msg, ShowSchedulers):
+            self._send_json(Dest.ADMIN, identity, self.show_schedulers(now))
+        elif isinstance(msg, Disconnect):
+            self.outbox.append((Dest.ADMIN, identity, Ack(new_msgid(), msg.msgid).to_frames()))
+            self.stopping = True
+        else:
+            self._refuse(
+                Dest.ADMIN,
+                identity,
+                "unexpected-command",
+                f"{msg.command.value} is not accepted on the admin socket",
+                msg.msgid,
+            )
+
+    def tick(self, now: float) -> float:
+        """Send due heartbeats and drop silent peers; return when to tick next."""
+        interval = self.config.heartbeat_interval
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + interval
+            ts = repr(now).encode()
+            for worker in self.workers.values():
+                self.outbox.append((Dest.BACKEND, worker.identity, _heartbeat(ts)))
+            for sched in self.schedulers.values():
+                self.outbox.append((Dest.FRONTEND, sched.identity, _heartbeat(ts)))
+        deadline = now - interval * self.config.heartbeat_liveness
+        for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
+            self._remove_worker(worker, now, reason="stopped heartbeating")
+        for sched in [s for s in self.schedulers.values() if s.last_seen < deadline]:
+            log.warning("scheduler %s stopped heartbeating; dropped", sched.name)
+            del self.schedulers[sched.identity]
+        return self._next_heartbeat
+
+    def shutdown(self) -> None:
+        """Say KBYE to every worker and scheduler (orderly shutdown)."""
+        for worker in self.workers.values():
+            self.outbox.append((Dest.BACKEND, worker.identity, Kbye(new_msgid()).to_frames()))
+        for sched in self.schedulers.values():
+            self.outbox.append((Dest.FRONTEND, sched.identity, Kbye(new_msgid()).to_frames()))
+
+    def peer_unreachable(self, dest: Dest, identity: bytes, now: float) -> None:
+        """The shell could not route to ``identity`` (it disconnected)."""
+        if dest is Dest.BACKEND and identity in self.workers:
+            self._remove_worker(self.workers[identity], now, reason="is unreachable")
+
+    # ------------------------------------------------------------ jobs
+
+    def _on_request(
+        self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float
+    ) -> None:
+        if msg.msgid in self.jobs:
+            self._refuse(
+                Dest.FRONTEND,
+                identity,
+                "duplicate-id",
+                "a job with this id is already in flight",
+                msg.msgid,
+            )
+            return
+        job = Job(msg.msgid, msg.queue, msg.headers, list(frames[4:7]), identity, now)
+        self.jobs[job.id] = job
+        self.stats.accepted += 1
+        self.acks.append(
+            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
+        )
+        self._enqueue(job, now)
+
+    def _enqueue(self, job: Job, now: float, front: bool = False) -> None:
+        queue = self._queue(job.queue)
+        job.state = JobState.QUEUED
+        job.worker = None
+        if not queue.waiting:
+            worker = queue.pick()
+            if worker is not None:
+                self._dispatch(job, worker, queue, now)
+                return
+        if front:
+            queue.waiting.appendleft(job)
+        else:
+            queue.waiting.append(job)
+
+    def _dispatch(self, job: Job, worker: Worker, queue: Queue, now: float) -> None:
+        self._take_slot(worker)
+        job.state = JobState.RUNNING
+        job.worker = worker
+        job.attempts += 1
+        job.started = now
+        worker.running[job.id] = job
+        self.outbox.append(
+            (Dest.BACKEND, worker.identity, [b"", PROTOCOL, _REQUEST, job.id.encode(), *job.frames])
+        )
+
+    def _on_ready(self, worker: Worker, now: float) -> None:
+        self._give_slot(worker)
+        while worker.slots > 0:
+            for _, name in worker.queues:
+                queue = self.queues[name]
+                if queue.waiting:
+                    self._dispatch(queue.waiting.popleft(), worker, queue, now)
+                    break
+            else:
+                return
+
+    def _on_result(self, identity: bytes, worker: Worker | None, msg: Reply, now: float) -> None:
+        if msg.result is None:
+            return  # a worker acknowledging something: nothing to route
+        job = self.jobs.get(msg.ref)
+        if job is None:
+            self.stats.unknown_replies += 1
+            log.info(
+                "result for unknown or finished job %s from %s ignored",
+                msg.ref,
+                peer_name(identity),
+            )
+            return
+        if job.worker is not None and job.worker.identity != identity:
+            # The job was given to another worker after this one was given up
+            # for lost; the first outcome to arrive is the one recorded.
+            log.warning(
+                "result for job %s from %s, which no longer holds it; recorded",
+                job.id,
+                peer_name(identity),
+            )
+        self._finish(job, msg.result, ok=msg.outcome().ok, now=now)
+
+    def _finish(self, job: Job, result: bytes, *, ok: bool, now: float) -> None:
+        del self.jobs[job.id]
+        worker = job.worker
+        if worker is not None:
+            worker.running.pop(job.id, None)
+            worker.processed += 1
+        job.state = JobState.SUCCEEDED if ok else JobState.FAILED
+        job.completed = now
+        self.stats.completed += 1
+        queue = self._queue(job.queue)
+        queue.processed += 1
+        latency = (now - job.submitted) * 1000.0
+        queue.last_latency_ms = latency
+        if latency > queue.max_latency_ms:
+            queue.max_latency_ms = latency
+        if job.headers.reply_requested:
+            self.outbox.append(
+                (
+                    Dest.FRONTEND,
+                    job.submitter,
+                    [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
+                )
+            )
+
+    # ------------------------------------------------------------ workers
+
+    def _on_worker_inform(self, identity: bytes, msg: Inform, now: float) -> None:
+        if msg.kind != "worker":
+            self._refuse(
+                Dest.BACKEND, identity, "bad-inform", "schedulers INFORM on the frontend", msg.msgid
+            )
+            return
+        queues = msg.queues or self.config.default_queues
+        old = self.workers.get(identity)
+        if old is not None:
+            # A worker re-announcing itself (it lost us, or we lost it): its
+            # slots start over; jobs it no longer holds are lost.
+            held = set((msg.meta or {}).get("running", ()))
+            self._remove_worker(old, now, reason="re-informed", keep=held)
+        worker = Worker(identity, queues, now)
+        if old is not None:
+            worker.running = {jid: job for jid, job in old.running.items()}
+            for job in worker.running.values():
+                job.worker = worker
+        self.workers[identity] = worker
+        for weight, name in queues:
+            self._queue(name).add(weight, worker)
+        self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
+        # EventMQ job managers start their processes on the first HEARTBEAT.
+        self.outbox.append((Dest.BACKEND, identity, _heartbeat(repr(now).encode())))
+        log.info(
+            "worker %s joined, queues %s", worker.name, ",".join(f"{n}:{w}" for w, n in queues)
+        )
+
+    def _remove_worker(
+        self, worker: Worker, now: float, *, reason: str, keep: set[str] | None = None
+    ) -> None:
+        self.workers.pop(worker.identity, None)
+        for _, name in worker.queues:
+            self.queues[name].remove(worker)
+        lost = [job for jid, job in worker.running.items() if keep is None or jid not in keep]
+        for job in lost:
+            del worker.running[job.id]
+        if keep is None:
+            self.stats.workers_lost += 1
+            log.warning("worker %s %s; %d job(s) it held are lost", worker.name, reason, len(lost))
+        for job in lost:
+            self._job_lost(job, worker, now)
+
+    def _job_lost(self, job: Job, worker: Worker, now: float) -> None:
+        job.worker = None
+        if job.headers.guarantee or job.attempts <= job.headers.retry_count:
+            self.stats.requeued += 1
+            self._enqueue(job, now, front=True)
+            return
+        result = encode_outcome_error(
+            "WorkerLost", f"worker {worker.name} was lost while running job {job.id}"
+        )
+        self._finish(job, result, ok=False, now=now)
+
+    def _take_slot(self, worker: Worker) -> None:
+        worker.slots -= 1
+        if worker.slots == 0:
+            for _, name in worker.queues:
+                self.queues[name].ready -= 1
+
+    def _give_slot(self, worker: Worker) -> None:
+        worker.slots += 1
+        if worker.slots == 1:
+            for _, name in worker.queues:
+                self.queues[name].ready += 1
+
+    def _queue(self, name: str) -> Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = Queue(name)
+        return queue
+
+    # ------------------------------------------------------------ schedulers
+
+    def _on_scheduler_inform(self, identity: bytes, msg: Inform, now: float) -> None:
+        if msg.kind != "scheduler":
+            self._refuse(
+                Dest.FRONTEND, identity, "bad-inform", "workers INFORM on the backend", msg.msgid
+            )
+            return
+        self.schedulers[identity] = Scheduler(identity, now)
+        self.outbox.append((Dest.FRONTEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
+        self.outbox.append((Dest.FRONTEND, identity, _heartbeat(repr(now).encode())))
+        log.info("scheduler %s joined", peer_name(identity))
+        pending, self._pending_schedules = self._pending_schedules, []
+        for frames in pending:
+            self._route_schedule(frames)
+
+    def _on_schedule(self, identity: bytes, msg: Schedule, frames: Sequence[bytes]) -> None:
+        self.acks.append(
+            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
+        )
+        self._route_schedule(list(frames))
+
+    def _route_schedule(self, frames: list[bytes]) -> None:
+        scheds = list(self.schedulers.values())
+        if not scheds:
+            self._pending_schedules.append(frames)
+            return
+        if frames[2] == b"UNSCHEDULE":
+            targets = scheds
+        else:
+            self._rr_scheduler = (self._rr_scheduler + 1) % len(scheds)
+            targets = [scheds[self._rr_scheduler]]
+        for sched in targets:
+            self.outbox.append((Dest.FRONTEND, sched.identity, frames))
+
+    # ------------------------------------------------------------ admin views
+
+    def status(self, now: float) -> dict[str, Any]:
+        queues = self.queues.values()
+        inflight: Counter[str] = Counter(
+            job.queue for job in self.jobs.values() if job.state is JobState.RUNNING
+        )
+        by_worker = {w.name: w.processed for w in self.workers.values()}
+        return {
+            "inflight_messages_by_queue": {q.name: inflight.get(q.name, 0) for q in queues},
+            "latency_messages_by_queue": {q.name: round(q.last_latency_ms, 3) for q in queues},
+            "max_latency_messages_by_queue": {q.name: round(q.max_latency_ms, 3) for q in queues},
+            "waiting_messages_by_queue": {q.name: len(q.waiting) for q in queues},
+            "processed_messages_by_queue": {q.name: q.processed for q in queues},
+            "processed_messages_by_worker": by_worker,
+            "workers_by_queue": {q.name: q.worker_count for q in queues},
+            "jobs_in_flight": len(self.jobs),
+            "jobs_accepted": self.stats.accepted,
+            "jobs_completed": self.stats.completed,
+            "workers": len(self.workers),
+            "schedulers": len(self.schedulers),
+            "workers_lost": self.stats.workers_lost,
+            "jobs_requeued": self.stats.requeued,
+            "unknown_replies": self.stats.unknown_replies,
+            "malformed_messages": dict(self.stats.malformed),
+        }
+
+    def show_workers(self, now: float) -> dict[str, Any]:
+        return {
+            "connected_workers": {
+                w.name: {
+                    "queues": [list(q) for q in w.queues],
+                    "hb": w.last_seen,
+                    "available_slots": w.slots,
+                    "running": len(w.running),
+                    "processed": w.processed,
+                }
+                for w in self.workers.values()
+            },
+            "connected_queues": {
+                q.name: [[weight, w.name] for weight, members in q.levels for w in members]
+                for q in self.queues.values()
+            },
+        }
+
+    def show_schedulers(self, now: float) -> dict[str, Any]:
+        return {
+            "connected_schedulers": {s.name: {"hb": s.last_seen} for s in self.schedulers.values()}
+        }
+
+    # ------------------------------------------------------------ bad input
+
+    def _parse(self, dest: Dest, identity: bytes, frames: Sequence[bytes]) -> Message | None:
+        try:
+            return parse(frames, self.config.max_frame)
+        except ProtocolError as exc:
+            self._bad_input(dest, identity, exc, frames)
+            return None
+
+    def _bad_input(
+        self, dest: Dest, identity: bytes, exc: ProtocolError, frames: Sequence[bytes]
+    ) -> None:
+        self.stats.malformed[exc.reason] += 1
+        key = (identity[:64], exc.reason)
+        if key not in self._logged:
+            self._logged[key] = None
+            if len(self._logged) > self.config.bad_input_memory:
+                self._logged.popitem(last=False)
+            log.warning(
+                "bad message from %s on %s: %s (further ones from this peer "
+                "for this reason are counted, not logged)",
+                peer_name(identity[:64]),
+                dest.name.lower(),
+                exc,
+            )
+        # Never answer an ERROR with an ERROR: two confused peers would loop.
+        if len(frames) > 2 and frames[2] == b"ERROR":
+            return
+        self._refuse(dest, identity, exc.reason, exc.detail, exc.msgid, log_it=False)
+
+    def _refuse(
+        self,
+        dest: Dest,
+        identity: bytes,
+        reason: str,
+        detail: str,
+        ref: str,
+        *,
+        log_it: bool = True,
+    ) -> None:
+        if log_it:
+            log.info("refused a message from %s: %s (%s)", peer_name(identity[:64]), reason, detail)
+        self.outbox.append((dest, identity, Error(new_msgid(), reason, detail, ref).to_frames()))
+
+    def _send_json(self, dest: Dest, identity: bytes, payload: Any) -> None:
+        self.outbox.append(
+            (
+                dest,
+                identity,
+                [b"", PROTOCOL, _REPLY, new_msgid().encode(), msgspec.json.encode(payload)],
+            )
+        )
+
+    @property
+    def finished_states(self) -> frozenset[JobState]:
+        return FINISHED
+
+
+def _heartbeat(ts: bytes) -> list[bytes]:
+    return [b"", PROTOCOL, b"HEARTBEAT", new_msgid().encode(), ts]

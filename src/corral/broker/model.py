@@ -1,0 +1,121 @@
+"""The broker's domain objects: jobs, workers, schedulers and named queues."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from corral.protocol import Headers
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+
+FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DEAD})
+
+
+def peer_name(identity: bytes) -> str:
+    """A printable name for a ZeroMQ identity, which may be any bytes."""
+    return identity.decode("utf-8", "backslashreplace")
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    id: str
+    queue: str
+    headers: Headers
+    #: The REQUEST frames after MSGID: queue, headers, body -- forwarded as sent.
+    frames: list[bytes]
+    submitter: bytes
+    submitted: float
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    worker: Worker | None = None
+    started: float | None = None
+    completed: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    identity: bytes
+    queues: tuple[tuple[int, str], ...]
+    last_seen: float
+    slots: int = 0
+    running: dict[str, Job] = field(default_factory=dict)
+    processed: int = 0
+
+    @property
+    def name(self) -> str:
+        return peer_name(self.identity)
+
+
+@dataclass(slots=True, eq=False)
+class Scheduler:
+    identity: bytes
+    last_seen: float
+
+    @property
+    def name(self) -> str:
+        return peer_name(self.identity)
+
+
+@dataclass(slots=True, eq=False)
+class Queue:
+    """A named queue: its waiting jobs and the workers serving it, by weight.
+
+    ``levels`` holds one rotating deque of workers per weight, highest weight
+    first, so dispatch tries heavier workers first and rotates among equals.
+    ``ready`` counts the workers of this queue that have a free slot, so a
+    REQUEST for a queue with no free worker is queued without a scan.
+    """
+
+    name: str
+    waiting: deque[Job] = field(default_factory=deque)
+    levels: list[tuple[int, deque[Worker]]] = field(default_factory=list)
+    ready: int = 0
+    processed: int = 0
+    last_latency_ms: float = 0.0
+    max_latency_ms: float = 0.0
+
+    def add(self, weight: int, worker: Worker) -> None:
+        for w, members in self.levels:
+            if w == weight:
+                members.append(worker)
+                break
+        else:
+            self.levels.append((weight, deque([worker])))
+            self.levels.sort(key=lambda level: -level[0])
+        if worker.slots > 0:
+            self.ready += 1
+
+    def remove(self, worker: Worker) -> None:
+        for level in self.levels:
+            if worker in level[1]:
+                level[1].remove(worker)
+                if worker.slots > 0:
+                    self.ready -= 1
+        self.levels = [level for level in self.levels if level[1]]
+
+    def pick(self) -> Worker | None:
+        """The highest-weight worker with a free slot, round-robin among equals."""
+        if not self.ready:
+            return None
+        for _, members in self.levels:
+            for _ in range(len(members)):
+                worker = members[0]
+                members.rotate(-1)
+                if worker.slots > 0:
+                    return worker
+        return None
+
+    @property
+    def worker_count(self) -> int:
+        return sum(len(members) for _, members in self.levels)

@@ -1,0 +1,37 @@
+"""eMQP constants: the protocol tag, command names and EventMQ's default endpoints."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+PROTOCOL = b"eMQP/1.0"
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:47291"
+DEFAULT_BACKEND = "tcp://127.0.0.1:47290"
+DEFAULT_ADMIN = "tcp://127.0.0.1:47293"
+DEFAULT_QUEUE = "default"
+
+#: Largest single frame accepted before a message is refused as oversized.
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+
+
+class Command(StrEnum):
+    INFORM = "INFORM"
+    ACK = "ACK"
+    READY = "READY"
+    REQUEST = "REQUEST"
+    REPLY = "REPLY"
+    HEARTBEAT = "HEARTBEAT"
+    DISCONNECT = "DISCONNECT"
+    KBYE = "KBYE"
+    SCHEDULE = "SCHEDULE"
+    UNSCHEDULE = "UNSCHEDULE"
+    PUBLISH = "PUBLISH"
+    STATUS = "STATUS"
+    ROUTER_SHOW_WORKERS = "ROUTER_SHOW_WORKERS"
+    ROUTER_SHOW_SCHEDULERS = "ROUTER_SHOW_SCHEDULERS"
+    # corral extension: the broker tells a sender why its message was refused.
+    ERROR = "ERROR"
+
+
+COMMANDS: dict[bytes, Command] = {c.value.encode(): c for c in Command}

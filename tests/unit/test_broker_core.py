@@ -1,0 +1,326 @@
+"""The broker's decisions, tested on the sans-IO core: no sockets, no clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corral.broker.core import BrokerConfig, BrokerCore, Dest
+from corral.protocol import (
+    PROTOCOL,
+    Inform,
+    RunParams,
+    encode_body,
+    new_msgid,
+    parse,
+)
+
+BODY = encode_body(RunParams("pkg.mod", "fn"))
+
+
+class Harness:
+    def __init__(self, **config):
+        self.core = BrokerCore(BrokerConfig(**config))
+        self.now = 1000.0
+
+    def sent(self):
+        out = self.core.acks + self.core.outbox
+        self.core.acks, self.core.outbox = [], []
+        return [(dest, ident, parse(frames)) for dest, ident, frames in out]
+
+    def submit(self, client=b"client", queue="default", headers="reply-requested", msgid=None):
+        msgid = msgid or new_msgid()
+        self.core.on_frontend(
+            client,
+            [b"", PROTOCOL, b"REQUEST", msgid.encode(), queue.encode(), headers.encode(), BODY],
+            self.now,
+        )
+        return msgid
+
+    def inform(self, ident, queues=((10, "default"),), meta=None):
+        self.core.on_backend(
+            ident, Inform(new_msgid(), queues, "worker", meta).to_frames(), self.now
+        )
+
+    def ready(self, ident, n=1):
+        for _ in range(n):
+            self.core.on_backend(ident, [b"", PROTOCOL, b"READY", b"r"], self.now)
+
+    def reply(self, ident, job_id, result=b'{"value": 42}'):
+        self.core.on_backend(
+            ident, [b"", PROTOCOL, b"REPLY", b"x", result, job_id.encode()], self.now
+        )
+
+    def dispatched(self, messages):
+        return [
+            (ident, m.msgid)
+            for dest, ident, m in messages
+            if dest is Dest.BACKEND and m.command.value == "REQUEST"
+        ]
+
+
+@pytest.fixture
+def h():
+    return Harness()
+
+
+def test_request_is_acknowledged_at_once_even_without_workers(h):
+    job = h.submit()
+    out = h.sent()
+    acks = [m for d, i, m in out if d is Dest.FRONTEND and m.command.value == "REPLY"]
+    assert len(acks) == 1 and acks[0].ref == job and acks[0].result is None
+    assert h.core.queues["default"].waiting[0].id == job
+
+
+def test_inform_gets_ack_and_heartbeat(h):
+    h.inform(b"w1")
+    out = h.sent()
+    assert [m.command.value for _, _, m in out] == ["ACK", "HEARTBEAT"]
+
+
+def test_dispatch_on_ready_and_result_forwarded(h):
+    h.inform(b"w1")
+    h.sent()
+    h.ready(b"w1")
+    job = h.submit()
+    out = h.sent()
+    assert h.dispatched(out) == [(b"w1", job)]
+    forwarded = [m for d, i, m in out if d is Dest.BACKEND][0]
+    assert forwarded.msgid == job  # the client's MSGID is kept
+    h.reply(b"w1", job)
+    out = h.sent()
+    results = [m for d, i, m in out if d is Dest.FRONTEND]
+    assert len(results) == 1 and results[0].ref == job
+    assert json.loads(results[0].result) == {"value": 42}
+    assert job not in h.core.jobs
+
+
+def test_no_reply_forwarded_without_reply_requested(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit(headers="")
+    h.sent()
+    h.reply(b"w1", job)
+    assert [m for d, i, m in h.sent() if d is Dest.FRONTEND] == []
+
+
+def test_waiting_jobs_fifo_per_queue_on_ready(h):
+    jobs = [h.submit() for _ in range(3)]
+    h.inform(b"w1")
+    h.sent()
+    for expected in jobs:
+        h.ready(b"w1")
+        assert h.dispatched(h.sent()) == [(b"w1", expected)]
+
+
+def test_requests_never_rerouted_to_another_queue(h):
+    h.inform(b"w1", queues=((10, "default"),))
+    h.ready(b"w1")
+    job = h.submit(queue="other")
+    assert h.dispatched(h.sent()) == []
+    assert [j.id for j in h.core.queues["other"].waiting] == [job]
+
+
+def test_highest_weight_first_then_round_robin(h):
+    h.inform(b"heavy", queues=((20, "default"),))
+    h.inform(b"a", queues=((10, "default"),))
+    h.inform(b"b", queues=((10, "default"),))
+    for w in (b"heavy", b"a", b"b"):
+        h.ready(w, 2)
+    h.sent()
+    got = []
+    for _ in range(6):
+        h.submit()
+        got += [ident for ident, _ in h.dispatched(h.sent())]
+    assert got[:2] == [b"heavy", b"heavy"]
+    assert sorted(got[2:4]) == [b"a", b"b"] and got[2] != got[3]
+
+
+def test_ready_walks_worker_queues_in_inform_order(h):
+    low = h.submit(queue="low")
+    high = h.submit(queue="high")
+    h.inform(b"w", queues=((20, "high"), (5, "low")))
+    h.sent()
+    h.ready(b"w")
+    assert h.dispatched(h.sent()) == [(b"w", high)]
+    h.ready(b"w")
+    assert h.dispatched(h.sent()) == [(b"w", low)]
+
+
+def test_inform_without_queues_gets_default(h):
+    h.core.on_backend(b"emq", [b"", PROTOCOL, b"INFORM", b"i", b"", b"worker"], h.now)
+    assert h.core.workers[b"emq"].queues == ((10, "default"),)
+
+
+def test_dead_worker_removed_after_missed_heartbeats():
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
+    h.inform(b"w1")
+    h.ready(b"w1")
+    h.core.tick(h.now)
+    h.now += 2.5
+    h.core.tick(h.now)
+    assert b"w1" in h.core.workers
+    h.now += 1.0
+    h.core.tick(h.now)
+    assert b"w1" not in h.core.workers
+    assert h.core.queues["default"].ready == 0
+
+
+def test_heartbeats_sent_each_interval():
+    h = Harness(heartbeat_interval=1.0)
+    h.inform(b"w1")
+    h.sent()
+    h.core.tick(h.now)
+    assert [m.command.value for _, _, m in h.sent()] == ["HEARTBEAT"]
+    h.now += 0.5
+    h.core.tick(h.now)
+    assert h.sent() == []
+
+
+def test_lost_worker_job_without_guarantee_fails_with_worker_lost(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit()
+    h.sent()
+    h.core.on_backend(b"w1", [b"", PROTOCOL, b"KBYE", b"k"], h.now)
+    results = [m for d, i, m in h.sent() if d is Dest.FRONTEND]
+    assert results[0].ref == job
+    assert json.loads(results[0].result)["error"]["type"] == "WorkerLost"
+
+
+def test_lost_worker_guaranteed_job_requeued_at_front(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,guarantee")
+    later = h.submit()
+    h.sent()
+    h.core.on_backend(b"w1", [b"", PROTOCOL, b"KBYE", b"k"], h.now)
+    assert [j.id for j in h.core.queues["default"].waiting] == [job, later]
+    h.inform(b"w2")
+    h.ready(b"w2")
+    assert h.dispatched(h.sent()) == [(b"w2", job)]
+    assert h.core.jobs[job].attempts == 2
+
+
+def test_late_reply_from_lost_worker_recorded_once(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,guarantee")
+    h.core.on_backend(b"w1", [b"", PROTOCOL, b"KBYE", b"k"], h.now)
+    h.inform(b"w2")
+    h.ready(b"w2")
+    h.sent()
+    h.reply(b"w1", job)
+    h.reply(b"w2", job, b'{"value": 7}')
+    results = [m for d, i, m in h.sent() if d is Dest.FRONTEND and m.result]
+    assert len(results) == 1
+    assert h.core.stats.unknown_replies == 1
+
+
+def test_reinform_keeps_jobs_the_worker_still_holds(h):
+    h.inform(b"w1")
+    h.ready(b"w1", 2)
+    kept, lost = h.submit(), h.submit(headers="reply-requested,guarantee")
+    h.sent()
+    h.inform(b"w1", meta={"running": [kept]})
+    assert kept in h.core.workers[b"w1"].running
+    assert [j.id for j in h.core.queues["default"].waiting] == [lost]
+    h.reply(b"w1", kept)
+    assert kept not in h.core.jobs
+
+
+def test_ready_from_unknown_worker_gets_error(h):
+    h.ready(b"ghost")
+    out = h.sent()
+    assert out[0][2].command.value == "ERROR" and out[0][2].reason == "unknown-worker"
+
+
+class TestAdmin:
+    def test_status_shape(self, h):
+        h.inform(b"w1")
+        h.ready(b"w1")
+        h.submit()
+        h.submit(queue="q2")
+        h.sent()
+        h.core.on_admin(b"adm", [b"", PROTOCOL, b"STATUS", b"admin:1"], h.now)
+        ((dest, ident, msg),) = h.sent()
+        status = json.loads(msg.ref)
+        for key in (
+            "inflight_messages_by_queue",
+            "latency_messages_by_queue",
+            "max_latency_messages_by_queue",
+            "waiting_messages_by_queue",
+            "processed_messages_by_queue",
+            "processed_messages_by_worker",
+        ):
+            assert key in status
+        assert status["waiting_messages_by_queue"] == {"default": 0, "q2": 1}
+        assert status["inflight_messages_by_queue"]["default"] == 1
+
+    def test_show_workers_shape(self, h):
+        h.inform(b"w1", queues=((20, "a"), (10, "b")))
+        h.ready(b"w1")
+        h.sent()
+        h.core.on_admin(b"adm", [b"", PROTOCOL, b"ROUTER_SHOW_WORKERS", b"admin:1"], h.now)
+        info = json.loads(h.sent()[0][2].ref)
+        assert info["connected_workers"]["w1"]["available_slots"] == 1
+        assert info["connected_workers"]["w1"]["queues"] == [[20, "a"], [10, "b"]]
+        assert info["connected_queues"]["a"] == [[20, "w1"]]
+
+    def test_show_schedulers_and_disconnect(self, h):
+        h.core.on_frontend(b"s1", Inform("i", None, "scheduler").to_frames(), h.now)
+        h.sent()
+        h.core.on_admin(b"adm", [b"", PROTOCOL, b"ROUTER_SHOW_SCHEDULERS", b"a"], h.now)
+        assert "s1" in json.loads(h.sent()[0][2].ref)["connected_schedulers"]
+        h.core.on_admin(b"adm", [b"", PROTOCOL, b"DISCONNECT", b"a2"], h.now)
+        assert h.sent()[0][2].command.value == "ACK"
+        assert h.core.stopping
+
+
+class TestBadInput:
+    def test_counted_answered_and_logged_once(self, h, caplog):
+        for _ in range(5):
+            h.core.on_frontend(b"bad", [b"", PROTOCOL, b"REQUEST", b"id", b"q", b"", b"{"], h.now)
+        out = h.sent()
+        assert len(out) == 5
+        assert all(
+            m.command.value == "ERROR" and m.reason == "bad-body" and m.ref == "id"
+            for _, _, m in out
+        )
+        assert h.core.stats.malformed["bad-body"] == 5
+        assert sum("bad message" in r.message for r in caplog.records) == 1
+
+    def test_non_utf8_identity_is_fine(self, h):
+        ident = b"\xff\xfe\x00w"
+        h.inform(ident)
+        h.ready(ident)
+        job = h.submit()
+        assert h.dispatched(h.sent()) == [(ident, job)]
+        h.core.on_admin(b"adm", [b"", PROTOCOL, b"ROUTER_SHOW_WORKERS", b"a"], h.now)
+        assert h.sent()  # shown, not crashed
+
+    def test_error_is_never_answered_with_error(self, h):
+        h.core.on_frontend(b"x", [b"", PROTOCOL, b"ERROR", b"id", b"\xff"], h.now)
+        assert h.sent() == []
+
+    def test_memory_bounded_under_garbage_flood(self):
+        h = Harness(bad_input_memory=100)
+        for i in range(5000):
+            h.core.on_frontend(i.to_bytes(4, "big"), [b"garbage", bytes([i % 256])], h.now)
+            h.sent()
+        assert len(h.core._logged) <= 100
+        assert h.core.stats.malformed["bad-frames"] == 5000
+        assert not h.core.jobs and not h.core.queues
+
+    def test_unexpected_commands_refused(self, h):
+        h.core.on_frontend(b"c", [b"", PROTOCOL, b"READY", b"r"], h.now)
+        h.core.on_admin(b"a", [b"", PROTOCOL, b"REQUEST", b"r", b"q", b"", BODY], h.now)
+        assert [m.reason for _, _, m in h.sent()] == ["unexpected-command"] * 2
+
+    def test_duplicate_job_id_refused(self, h):
+        h.submit(msgid="same")
+        h.submit(msgid="same")
+        out = h.sent()
+        assert [m.command.value for _, _, m in out] == ["REPLY", "ERROR"]
+        assert len(h.core.jobs) == 1
