@@ -9,7 +9,9 @@ with a store can hold them until the job is durably recorded.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import random
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from corral.protocol import (
     new_msgid,
     parse,
 )
+from corral.store.base import JobRecord, Snapshot, WorkerRecord
 
 log = logging.getLogger("corral.broker")
 
@@ -74,6 +77,16 @@ class BrokerConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     #: How many distinct (peer, reason) pairs of bad input are remembered for log-once.
     bad_input_memory: int = 4096
+    #: Retry backoff: ``base * 2**(attempt-1)`` seconds, at most ``cap``, times a
+    #: random factor in [0.5, 1] so that retries of many jobs spread out.
+    retry_backoff_base: float = 1.0
+    retry_backoff_cap: float = 300.0
+    #: Seconds a restored broker waits for a worker that was running jobs to
+    #: come back before those jobs count as lost (default: 3 heartbeat intervals).
+    restore_grace: float | None = None
+    #: Ids of recently finished jobs remembered to refuse a duplicate REQUEST.
+    recent_ids: int = 100_000
+    seed: int | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +98,8 @@ class Stats:
     unknown_replies: int = 0
     workers_lost: int = 0
     requeued: int = 0
+    retried: int = 0
+    dead: int = 0
 
 
 class BrokerCore:
@@ -105,6 +120,22 @@ class BrokerCore:
         self._logged: OrderedDict[tuple[bytes, str], None] = OrderedDict()
         self._pending_schedules: list[list[bytes]] = []
         self._rr_scheduler = 0
+        #: Add to a monotonic ``now`` to get wall-clock time (set by the shell).
+        self.wall_offset = 0.0
+        #: Jobs and workers changed since the last :meth:`take_changes`.
+        self.dirty: dict[str, Job] = {}
+        self.dirty_workers: dict[str, Worker] = {}
+        self.worker_ids: dict[str, int] = {}
+        self.next_worker_id = 1
+        #: ``(topic, payload)`` pairs for the notification socket.
+        self.notifications: list[tuple[str, dict[str, Any]]] = []
+        self._retry_heap: list[tuple[float, int, Job]] = []
+        self._retry_seq = 0
+        self._rng = random.Random(self.config.seed)
+        #: Jobs restored as running, by the uuid of the worker that had them,
+        #: with the time by which that worker must be back.
+        self.orphans: dict[str, tuple[float, list[Job]]] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
 
     # ------------------------------------------------------------ entry points
 
@@ -220,7 +251,25 @@ class BrokerCore:
         for sched in [s for s in self.schedulers.values() if s.last_seen < deadline]:
             log.warning("scheduler %s stopped heartbeating; dropped", sched.name)
             del self.schedulers[sched.identity]
-        return self._next_heartbeat
+        heap = self._retry_heap
+        while heap and heap[0][0] <= now:
+            _, _, job = heapq.heappop(heap)
+            if job.state is JobState.RETRYING:
+                self._enqueue(job, now)
+        for uuid, (due, jobs) in list(self.orphans.items()):
+            if due <= now:
+                del self.orphans[uuid]
+                log.warning(
+                    "worker %s did not come back after the restart; %d job(s) it ran are lost",
+                    uuid,
+                    len(jobs),
+                )
+                for job in jobs:
+                    self._job_lost(job, uuid, now)
+        due = self._next_heartbeat
+        if heap:
+            due = min(due, heap[0][0])
+        return due
 
     def shutdown(self) -> None:
         """Say KBYE to every worker and scheduler (orderly shutdown)."""
@@ -239,17 +288,20 @@ class BrokerCore:
     def _on_request(
         self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float
     ) -> None:
-        if msg.msgid in self.jobs:
+        if msg.msgid in self.jobs or msg.msgid in self._recent:
             self._refuse(
                 Dest.FRONTEND,
                 identity,
                 "duplicate-id",
-                "a job with this id is already in flight",
+                f"job {msg.msgid} was already submitted",
                 msg.msgid,
             )
             return
         job = Job(msg.msgid, msg.queue, msg.headers, list(frames[4:7]), identity, now)
+        job.submitted_at = now + self.wall_offset
+        job.label = msg.headers.get("label")
         self.jobs[job.id] = job
+        self.dirty[job.id] = job
         self.stats.accepted += 1
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
@@ -260,6 +312,8 @@ class BrokerCore:
         queue = self._queue(job.queue)
         job.state = JobState.QUEUED
         job.worker = None
+        job.not_before = None
+        self.dirty[job.id] = job
         if not queue.waiting:
             worker = queue.pick()
             if worker is not None:
@@ -274,9 +328,13 @@ class BrokerCore:
         self._take_slot(worker)
         job.state = JobState.RUNNING
         job.worker = worker
+        job.worker_uuid = worker.name
+        job.worker_id = worker.id
         job.attempts += 1
         job.started = now
+        job.started_at = now + self.wall_offset
         worker.running[job.id] = job
+        self.dirty[job.id] = job
         self.outbox.append(
             (Dest.BACKEND, worker.identity, [b"", PROTOCOL, _REQUEST, job.id.encode(), *job.frames])
         )
@@ -312,18 +370,67 @@ class BrokerCore:
                 job.id,
                 peer_name(identity),
             )
-        self._finish(job, msg.result, ok=msg.outcome().ok, now=now)
+        outcome = msg.outcome()
+        if worker is not None:
+            worker.processed += 1
+        error_type = outcome.error.type if outcome.error is not None else None
+        if error_type is not None and error_type not in _FINAL_ERRORS and self._retries_left(job):
+            self._retry_later(job, msg.result, error_type, now)
+        else:
+            self._finish(job, msg.result, error_type, now)
 
-    def _finish(self, job: Job, result: bytes, *, ok: bool, now: float) -> None:
+    def _retries_left(self, job: Job) -> bool:
+        return job.attempts <= job.headers.retry_count
+
+    def _retry_later(self, job: Job, result: bytes, error_type: str, now: float) -> None:
+        if job.worker is not None:
+            job.worker.running.pop(job.id, None)
+            job.worker = None
+        cfg = self.config
+        delay = min(cfg.retry_backoff_cap, cfg.retry_backoff_base * 2 ** (job.attempts - 1))
+        delay *= self._rng.uniform(0.5, 1.0)
+        job.state = JobState.RETRYING
+        job.not_before = now + delay
+        job.result = result
+        job.error_type = error_type
+        self.dirty[job.id] = job
+        self.stats.retried += 1
+        self._retry_seq += 1
+        heapq.heappush(self._retry_heap, (job.not_before, self._retry_seq, job))
+        log.info(
+            "job %s failed with %s (attempt %d of %d); retrying in %.2f s",
+            job.id,
+            error_type,
+            job.attempts,
+            job.headers.retry_count + 1,
+            delay,
+        )
+
+    def _finish(self, job: Job, result: bytes, error_type: str | None, now: float) -> None:
         del self.jobs[job.id]
+        self._recent[job.id] = None
+        if len(self._recent) > self.config.recent_ids:
+            self._recent.popitem(last=False)
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
-            worker.processed += 1
-        job.state = JobState.SUCCEEDED if ok else JobState.FAILED
+            job.worker = None
+        if error_type is None:
+            job.state = JobState.SUCCEEDED
+        elif error_type == "JobCancelled":
+            job.state = JobState.CANCELLED
+        elif job.headers.retry_count > 0:
+            job.state = JobState.DEAD
+            self.stats.dead += 1
+        else:
+            job.state = JobState.FAILED
         job.completed = now
+        job.received_at = job.completed_at = now + self.wall_offset
+        job.result = result
+        job.error_type = error_type
+        self.dirty[job.id] = job
         self.stats.completed += 1
-        queue = self._queue(job.queue)
+        queue = self.queues.get(job.queue) or self._queue(job.queue)
         queue.processed += 1
         latency = (now - job.submitted) * 1000.0
         queue.last_latency_ms = latency
@@ -353,12 +460,30 @@ class BrokerCore:
             # slots start over; jobs it no longer holds are lost.
             held = set((msg.meta or {}).get("running", ()))
             self._remove_worker(old, now, reason="re-informed", keep=held)
-        worker = Worker(identity, queues, now)
+        worker = Worker(identity, queues, now, id=self._worker_id(peer_name(identity)))
         if old is not None:
             worker.running = {jid: job for jid, job in old.running.items()}
             for job in worker.running.values():
                 job.worker = worker
         self.workers[identity] = worker
+        self.dirty_workers[worker.name] = worker
+        if old is None:
+            self.notifications.append(("registered", self._worker_info(worker)))
+        orphaned = self.orphans.pop(worker.name, None)
+        if orphaned is not None:
+            # Back after a broker restart: it keeps the jobs it says it still runs.
+            held = set((msg.meta or {}).get("running", ()))
+            for job in orphaned[1]:
+                if job.id in held and job.state is JobState.RUNNING:
+                    job.worker = worker
+                    worker.running[job.id] = job
+                else:
+                    self._job_lost(job, worker.name, now)
+            log.info(
+                "worker %s is back after the restart and keeps %d job(s)",
+                worker.name,
+                len(worker.running),
+            )
         for weight, name in queues:
             self._queue(name).add(weight, worker)
         self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
@@ -379,20 +504,35 @@ class BrokerCore:
             del worker.running[job.id]
         if keep is None:
             self.stats.workers_lost += 1
+            self.dirty_workers[worker.name] = worker
+            self.notifications.append(("unregistered", self._worker_info(worker)))
             log.warning("worker %s %s; %d job(s) it held are lost", worker.name, reason, len(lost))
         for job in lost:
-            self._job_lost(job, worker, now)
+            self._job_lost(job, worker.name, now)
 
-    def _job_lost(self, job: Job, worker: Worker, now: float) -> None:
+    def _job_lost(self, job: Job, worker_name: str, now: float) -> None:
+        if self.jobs.get(job.id) is not job or job.state is not JobState.RUNNING:
+            return  # finished meanwhile (its outcome arrived first)
         job.worker = None
-        if job.headers.guarantee or job.attempts <= job.headers.retry_count:
+        if job.headers.guarantee or self._retries_left(job):
             self.stats.requeued += 1
             self._enqueue(job, now, front=True)
             return
         result = encode_outcome_error(
-            "WorkerLost", f"worker {worker.name} was lost while running job {job.id}"
+            "WorkerLost", f"worker {worker_name} was lost while running job {job.id}"
         )
-        self._finish(job, result, ok=False, now=now)
+        self._finish(job, result, "WorkerLost", now)
+
+    def _worker_id(self, uuid: str) -> int:
+        wid = self.worker_ids.get(uuid)
+        if wid is None:
+            wid = self.worker_ids[uuid] = self.next_worker_id
+            self.next_worker_id += 1
+        return wid
+
+    @staticmethod
+    def _worker_info(worker: Worker) -> dict[str, Any]:
+        return {"id": worker.id, "uuid": worker.name, "queues": [list(q) for q in worker.queues]}
 
     def _take_slot(self, worker: Worker) -> None:
         worker.slots -= 1
@@ -470,6 +610,10 @@ class BrokerCore:
             "schedulers": len(self.schedulers),
             "workers_lost": self.stats.workers_lost,
             "jobs_requeued": self.stats.requeued,
+            "jobs_retried": self.stats.retried,
+            "jobs_dead": self.stats.dead,
+            "jobs_retrying": len(self._retry_heap),
+            "workers_awaited_after_restore": len(self.orphans),
             "unknown_replies": self.stats.unknown_replies,
             "malformed_messages": dict(self.stats.malformed),
         }
@@ -483,6 +627,7 @@ class BrokerCore:
                     "available_slots": w.slots,
                     "running": len(w.running),
                     "processed": w.processed,
+                    "id": w.id,
                 }
                 for w in self.workers.values()
             },
@@ -550,9 +695,126 @@ class BrokerCore:
             )
         )
 
+    # ------------------------------------------------------------ persistence
+
+    def take_changes(self) -> tuple[list[JobRecord], list[WorkerRecord], dict[str, Any]]:
+        """Records of what changed since the last call, for one store transaction."""
+        jobs = [job_record(j, self.wall_offset) for j in self.dirty.values()]
+        workers = [
+            WorkerRecord(
+                uuid=w.name,
+                id=w.id,
+                queues=msgspec.json.encode(w.queues).decode(),
+                registered=w.last_seen + self.wall_offset,
+                last_seen=w.last_seen + self.wall_offset,
+                active=w.identity in self.workers,
+            )
+            for w in self.dirty_workers.values()
+        ]
+        meta = {"next_worker_id": self.next_worker_id} if workers else {}
+        self.dirty = {}
+        self.dirty_workers = {}
+        return jobs, workers, meta
+
+    def restore(self, snapshot: Snapshot, now: float) -> None:
+        """Take back a store's state at start: worker ids, queues, retries, running jobs.
+
+        Jobs that were running wait for their worker to re-announce itself
+        within ``restore_grace`` seconds; it keeps those it still runs.
+        """
+        self.next_worker_id = max(self.next_worker_id, snapshot.next_worker_id)
+        for w in snapshot.workers:
+            self.worker_ids[w.uuid] = w.id
+            self.next_worker_id = max(self.next_worker_id, w.id + 1)
+        grace = self.config.restore_grace
+        if grace is None:
+            grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
+        counts: Counter[str] = Counter()
+        for rec in snapshot.jobs:
+            job = job_from_record(rec, now, self.wall_offset)
+            self.jobs[job.id] = job
+            counts[job.state.value] += 1
+            if job.state is JobState.RUNNING and job.worker_uuid:
+                due, jobs = self.orphans.get(job.worker_uuid, (now + grace, []))
+                jobs.append(job)
+                self.orphans[job.worker_uuid] = (due, jobs)
+            elif job.state is JobState.RETRYING:
+                job.not_before = now
+                self._retry_seq += 1
+                heapq.heappush(self._retry_heap, (now, self._retry_seq, job))
+            else:
+                self._enqueue(job, now)
+        if snapshot.jobs:
+            log.info(
+                "restored %d unfinished job(s) (%s); waiting up to %.0f s for %d worker(s)",
+                len(snapshot.jobs),
+                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                grace,
+                len(self.orphans),
+            )
+
+    def retry(self, rec: JobRecord, now: float) -> bool:
+        """Put a finished (dead, failed or cancelled) job back in its queue, attempts reset."""
+        if rec.id in self.jobs or rec.state not in ("dead", "failed", "cancelled"):
+            return False
+        job = job_from_record(rec, now, self.wall_offset)
+        job.attempts = 0
+        job.result = None
+        job.error_type = None
+        self._recent.pop(job.id, None)
+        self.jobs[job.id] = job
+        self._enqueue(job, now)
+        return True
+
     @property
     def finished_states(self) -> frozenset[JobState]:
         return FINISHED
+
+
+#: Errors that no retry can mend.
+_FINAL_ERRORS = frozenset({"NotAllowed", "NotFound", "BadRequest", "JobCancelled"})
+
+
+def job_record(job: Job, wall_offset: float = 0.0) -> JobRecord:
+    return JobRecord(
+        id=job.id,
+        queue=job.queue,
+        state=job.state.value,
+        headers=job.frames[1].decode(),
+        body=job.frames[2],
+        submitter=job.submitter,
+        attempts=job.attempts,
+        worker_uuid=job.worker_uuid,
+        worker_id=job.worker_id,
+        submitted=job.submitted_at,
+        started=job.started_at,
+        completed=job.completed_at,
+        received=job.received_at,
+        not_before=None if job.not_before is None else job.not_before + wall_offset,
+        result=job.result,
+        label=job.label,
+        error_type=job.error_type,
+    )
+
+
+def job_from_record(rec: JobRecord, now: float, wall_offset: float) -> Job:
+    from corral.protocol import parse_headers
+
+    frames = [rec.queue.encode(), rec.headers.encode(), rec.body]
+    job = Job(
+        rec.id,
+        rec.queue,
+        parse_headers(rec.headers),
+        frames,
+        rec.submitter,
+        rec.submitted - wall_offset,
+    )
+    job.state = JobState(rec.state)
+    job.attempts = rec.attempts
+    job.worker_uuid, job.worker_id = rec.worker_uuid, rec.worker_id
+    job.submitted_at, job.started_at = rec.submitted, rec.started
+    job.label, job.result, job.error_type = rec.label, rec.result, rec.error_type
+    return job
 
 
 def _heartbeat(ts: bytes) -> list[bytes]:

@@ -39,8 +39,22 @@ class Job:
     state: JobState = JobState.QUEUED
     attempts: int = 0
     worker: Worker | None = None
+    #: Monotonic times, for latency figures.
     started: float | None = None
     completed: float | None = None
+    #: The last worker that ran it (kept after it finished or was lost).
+    worker_uuid: str | None = None
+    worker_id: int | None = None
+    #: Wall-clock times (seconds since the epoch), as recorded in the store.
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    completed_at: float | None = None
+    received_at: float | None = None
+    #: Monotonic time before which a job in ``retrying`` is not run again.
+    not_before: float | None = None
+    label: str | None = None
+    result: bytes | None = None
+    error_type: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -48,6 +62,8 @@ class Worker:
     identity: bytes
     queues: tuple[tuple[int, str], ...]
     last_seen: float
+    #: The integer id the broker gave this uuid; never reused.
+    id: int = 0
     slots: int = 0
     running: dict[str, Job] = field(default_factory=dict)
     processed: int = 0

@@ -15,10 +15,15 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import msgspec
 import zmq
 
 from corral.broker.core import BrokerCore, Dest
+from corral.store.base import JobRecord, Store, WorkerRecord
+from corral.store.memory import MemoryStore
 
 log = logging.getLogger("corral.broker")
 
@@ -43,10 +48,23 @@ class BrokerServer:
         frontend: str,
         backend: str,
         admin: str,
+        notify: str | None = None,
+        store: Store | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.core = core
         self.endpoints = {Dest.FRONTEND: frontend, Dest.BACKEND: backend, Dest.ADMIN: admin}
+        self.notify_endpoint = notify
+        self.store: Store = store or MemoryStore()
+        self._notify: zmq.Socket | None = None
+        # One writer thread: commits happen in order, off the event loop.
+        self._executor: ThreadPoolExecutor | None = None
+        self._committing = False
+        self._unsaved: tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list] | None = (
+            None
+        )
+        self.commits = 0
+        self.commit_failures = 0
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
@@ -59,7 +77,30 @@ class BrokerServer:
 
     # ------------------------------------------------------------ lifecycle
 
+    def open_store(self) -> None:
+        """Open the store and take back its state (raises StoreError with advice)."""
+        snapshot = self.store.open()
+        self.core.wall_offset = time.time() - time.monotonic()
+        self.core.restore(snapshot, time.monotonic())
+        if not isinstance(self.store, MemoryStore):
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-store")
+
     def bind(self) -> None:
+        if self.notify_endpoint:
+            self._notify = self.context.socket(zmq.PUB)
+            self._notify.setsockopt(zmq.LINGER, 0)
+            self._notify.setsockopt(zmq.SNDHWM, 10_000)
+            try:
+                self._notify.bind(self.notify_endpoint)
+            except zmq.ZMQError as exc:
+                self._notify.close(0)
+                self._notify = None
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(
+                        f"{self.notify_endpoint} is already in use; choose "
+                        f"another address with --notify"
+                    ) from None
+                raise
         for dest, endpoint in self.endpoints.items():
             sock = self.context.socket(zmq.ROUTER)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -88,6 +129,7 @@ class BrokerServer:
         if not self.sockets:
             self.bind()
         self._loop = asyncio.get_running_loop()
+        self.core.wall_offset = time.time() - time.monotonic()
         self._stopped = asyncio.Event()
         for dest, sock in self.sockets.items():
             self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain, dest)
@@ -124,12 +166,22 @@ class BrokerServer:
             self._loop.remove_reader(sock.getsockopt(zmq.FD))
         self.core.shutdown()
         self._flush()
+        while self._committing:
+            await asyncio.sleep(0.005)
+        self._commit(sync=True)
         self.close()
 
     def close(self) -> None:
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.store.close()
 
     # ------------------------------------------------------------ I/O
 
@@ -160,29 +212,96 @@ class BrokerServer:
 
     def _flush(self) -> None:
         core = self.core
-        while core.acks or core.outbox:
-            batch = core.acks + core.outbox
-            core.acks = []
+        while core.outbox:
+            batch = core.outbox
             core.outbox = []
-            for dest, identity, frames in batch:
-                sock = self.sockets.get(dest)
-                if sock is None:
-                    continue
-                try:
-                    sock.send_multipart([identity, *frames], zmq.NOBLOCK)
-                except zmq.ZMQError as exc:
-                    self.send_failures += 1
-                    if exc.errno == errno.EHOSTUNREACH:
-                        core.peer_unreachable(dest, identity, time.monotonic())
-                    else:
-                        log.warning(
-                            "could not send to %r on %s: %s", identity[:64], dest.name.lower(), exc
-                        )
-        # Sending may consume the edge of the sockets' edge-triggered FDs:
+            self._send(batch)
+        if core.notifications and self._notify is not None:
+            for topic, payload in core.notifications:
+                self._notify.send_multipart([topic.encode(), msgspec.json.encode(payload)])
+        core.notifications.clear()
+        if core.acks or core.dirty or core.dirty_workers:
+            self._commit()  # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
         for dest, sock in self.sockets.items():
             if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._schedule_drain(dest)
+
+    def _send(self, batch: list[tuple[Dest, bytes, list[bytes]]]) -> None:
+        core = self.core
+        for dest, identity, frames in batch:
+            sock = self.sockets.get(dest)
+            if sock is None:
+                continue
+            try:
+                sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self.send_failures += 1
+                if exc.errno == errno.EHOSTUNREACH:
+                    core.peer_unreachable(dest, identity, time.monotonic())
+                else:
+                    log.warning(
+                        "could not send to %r on %s: %s", identity[:64], dest.name.lower(), exc
+                    )
+
+    # ------------------------------------------------------------ group commit
+
+    def _commit(self, sync: bool = False) -> None:
+        """Write what changed in one transaction, then send the acks that wait for it.
+
+        While one commit runs in the writer thread, changes accumulate in the
+        core and go out together in the next: the busier the broker, the
+        bigger (and cheaper per job) each transaction.
+        """
+        if self._committing:
+            return
+        core = self.core
+        jobs, workers, meta = core.take_changes()
+        acks, core.acks = core.acks, []
+        if self._unsaved is not None:
+            old_jobs, old_workers, old_meta, old_acks = self._unsaved
+            self._unsaved = None
+            jobs, workers = old_jobs + jobs, old_workers + workers
+            meta, acks = {**old_meta, **meta}, old_acks + acks
+        if not (jobs or workers or meta or acks):
+            return
+        if self._executor is None or sync:
+            try:
+                self.store.commit(jobs, workers, meta)
+            except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
+                self._commit_failed(exc, (jobs, workers, meta, acks))
+                return
+            self._committed(acks)
+            return
+        self._committing = True
+        assert self._loop is not None
+        future = self._loop.run_in_executor(self._executor, self.store.commit, jobs, workers, meta)
+        future.add_done_callback(lambda f: self._commit_done(f, (jobs, workers, meta, acks)))
+
+    def _commit_done(self, future: asyncio.Future[None], batch: tuple) -> None:
+        self._committing = False
+        exc = future.exception()
+        if exc is not None:
+            self._commit_failed(exc, batch)
+            return
+        self._committed(batch[3])
+        if self.core.acks or self.core.dirty or self.core.dirty_workers:
+            self._commit()
+
+    def _committed(self, acks: list) -> None:
+        self.commits += 1
+        self._send(acks)
+        self._flush()
+
+    def _commit_failed(self, exc: BaseException, batch: tuple) -> None:
+        # Nothing is acknowledged until it is stored: keep the batch and try again.
+        self.commit_failures += 1
+        self._unsaved = batch
+        log.error(
+            "could not write to the store (%s); %d job(s) wait, retrying in 1 s", exc, len(batch[0])
+        )
+        if self._loop is not None:
+            self._loop.call_later(1.0, self._commit)
 
     def _tick(self) -> None:
         assert self._loop is not None

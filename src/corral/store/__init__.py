@@ -1,0 +1,13 @@
+"""Where the broker keeps its truth: :class:`Store` and its SQLite and in-memory kinds."""
+
+from corral.store.base import (
+    JobQuery,
+    JobRecord,
+    Snapshot,
+    Store,
+    StoreError,
+    WorkerRecord,
+    open_store,
+)
+
+__all__ = ["JobQuery", "JobRecord", "Snapshot", "Store", "StoreError", "WorkerRecord", "open_store"]

@@ -1,0 +1,104 @@
+"""What a broker persists, and the interface every store implements.
+
+The broker's core marks what changed while it handles a batch of messages;
+the server turns those into records and hands them to :meth:`Store.commit`
+in one transaction (group commit), and only then sends the
+acknowledgements that promised them. :meth:`Store.load` gives back
+everything a restarted broker needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+
+class JobRecord(msgspec.Struct, kw_only=True):
+    id: str
+    queue: str
+    state: str
+    headers: str
+    body: bytes
+    submitter: bytes
+    attempts: int = 0
+    worker_uuid: str | None = None
+    worker_id: int | None = None
+    submitted: float
+    started: float | None = None
+    completed: float | None = None
+    #: When the outcome reached the broker (``completed`` is when the worker finished).
+    received: float | None = None
+    #: When a job in ``retrying`` becomes due again.
+    not_before: float | None = None
+    result: bytes | None = None
+    label: str | None = None
+    error_type: str | None = None
+
+
+class WorkerRecord(msgspec.Struct, kw_only=True):
+    uuid: str
+    id: int
+    queues: str
+    registered: float
+    last_seen: float
+    active: bool = True
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """A store's content at start: unfinished jobs, the worker map, counters."""
+
+    jobs: list[JobRecord]
+    workers: list[WorkerRecord]
+    next_worker_id: int = 1
+
+
+class JobQuery(msgspec.Struct, kw_only=True):
+    states: Sequence[str] = ()
+    queue: str | None = None
+    worker_id: int | None = None
+    label: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written; the message says why and what to do."""
+
+
+class Store(Protocol):
+    url: str
+
+    def open(self) -> Snapshot:
+        """Create or open the store and return what a (re)starting broker needs."""
+
+    def commit(
+        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+    ) -> None:
+        """Write these records in one transaction (upserts by id / uuid)."""
+
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    def query_jobs(self, query: JobQuery) -> list[JobRecord]: ...
+
+    def purge(self, finished_before: float) -> int:
+        """Delete finished jobs completed before this time; return how many."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str, *, fsync: bool = False) -> Store:
+    """``memory://`` or ``sqlite:///path/to/file.db`` (``sqlite:///:memory:`` too)."""
+    if url in ("memory://", "memory:"):
+        from corral.store.memory import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("sqlite://"):
+        from corral.store.sqlite import SQLiteStore
+
+        path = url.removeprefix("sqlite://")
+        path = path[1:] if path.startswith("/") else path
+        return SQLiteStore(path or ":memory:", fsync=fsync)
+    raise StoreError(f"unknown store {url!r}: use memory:// or sqlite:///PATH")

@@ -1,0 +1,55 @@
+"""A store that keeps everything in this process: for tests and throwaway brokers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from corral.store.base import JobQuery, JobRecord, Snapshot, WorkerRecord
+from corral.store.query import FINISHED_STATES, matches
+
+
+class MemoryStore:
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.meta: dict[str, Any] = {}
+
+    def open(self) -> Snapshot:
+        return Snapshot(
+            jobs=[j for j in self.jobs.values() if j.state not in FINISHED_STATES],
+            workers=list(self.workers.values()),
+            next_worker_id=int(self.meta.get("next_worker_id", 1)),
+        )
+
+    def commit(
+        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+    ) -> None:
+        for job in jobs:
+            self.jobs[job.id] = job
+        for worker in workers:
+            self.workers[worker.uuid] = worker
+        self.meta.update(meta)
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    def query_jobs(self, query: JobQuery) -> list[JobRecord]:
+        found = [j for j in self.jobs.values() if matches(j, query)]
+        found.sort(key=lambda j: j.submitted, reverse=True)
+        return found[: query.limit]
+
+    def purge(self, finished_before: float) -> int:
+        old = [
+            j.id
+            for j in self.jobs.values()
+            if j.state in FINISHED_STATES and (j.completed or j.submitted) < finished_before
+        ]
+        for job_id in old:
+            del self.jobs[job_id]
+        return len(old)
+
+    def close(self) -> None:
+        pass

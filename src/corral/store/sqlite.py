@@ -1,0 +1,241 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+Writes come in batches from the broker (one transaction per batch), so the
+cost of a commit is shared by every job in it. ``synchronous=NORMAL`` (the
+default) survives a crash of the broker process; ``fsync=True`` sets
+``synchronous=FULL`` and survives a power loss too.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from corral.store.base import JobQuery, JobRecord, Snapshot, StoreError, WorkerRecord
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL,
+    submitter BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_uuid TEXT,
+    worker_id INTEGER,
+    submitted REAL NOT NULL,
+    started REAL,
+    completed REAL,
+    received REAL,
+    not_before REAL,
+    result BLOB,
+    label TEXT,
+    error_type TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, submitted);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (queue, submitted);
+CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs (submitted);
+CREATE TABLE IF NOT EXISTS workers (
+    uuid TEXT PRIMARY KEY,
+    id INTEGER NOT NULL UNIQUE,
+    queues TEXT NOT NULL,
+    registered REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    active INTEGER NOT NULL
+);
+"""
+
+_JOB_FIELDS = JobRecord.__struct_fields__
+_JOB_UPSERT = (
+    f"INSERT INTO jobs ({', '.join(_JOB_FIELDS)}) VALUES ({', '.join('?' * len(_JOB_FIELDS))}) "
+    f"ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in _JOB_FIELDS if f != "id")
+)
+_WORKER_FIELDS = WorkerRecord.__struct_fields__
+_WORKER_UPSERT = (
+    f"INSERT INTO workers ({', '.join(_WORKER_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_WORKER_FIELDS))}) ON CONFLICT(uuid) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in _WORKER_FIELDS if f != "uuid")
+)
+_FINISHED = ("succeeded", "failed", "cancelled", "dead")
+
+
+def _job_row(job: JobRecord) -> tuple[Any, ...]:
+    return tuple(getattr(job, f) for f in _JOB_FIELDS)
+
+
+def _job(row: Sequence[Any]) -> JobRecord:
+    return JobRecord(**dict(zip(_JOB_FIELDS, row, strict=True)))
+
+
+class SQLiteStore:
+    """Jobs, workers and counters in one SQLite database file."""
+
+    def __init__(self, path: str, *, fsync: bool = False) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self.fsync = fsync
+        self._write: sqlite3.Connection | None = None
+        # Reads (job queries) come from other threads than the writer's.
+        self._local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            folder = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(folder, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=2.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+            conn.execute("PRAGMA foreign_keys=OFF")
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+        return conn
+
+    def _explain(self, exc: sqlite3.Error) -> StoreError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return StoreError(
+                f"the store {self.path} is locked by another process (another broker on the "
+                f"same data directory?); stop it or choose another --store"
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return StoreError(
+                f"the store {self.path} is not a readable SQLite database ({text}); move it "
+                f"aside to start empty, or point --store at a good copy"
+            )
+        return StoreError(f"the store {self.path} cannot be used: {text}")
+
+    def open(self) -> Snapshot:
+        conn = self._connect()
+        try:
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store {self.path} was written by a newer corral "
+                    f"(schema {row[0]}); upgrade corral to use it"
+                )
+            # Take the write lock now so a second broker on the same file fails at
+            # start with a clear message instead of stalling later.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("COMMIT")
+            jobs = [
+                _job(r)
+                for r in conn.execute(
+                    f"SELECT {', '.join(_JOB_FIELDS)} FROM jobs WHERE state NOT IN "
+                    f"({', '.join('?' * len(_FINISHED))}) ORDER BY submitted",
+                    _FINISHED,
+                )
+            ]
+            workers = [
+                WorkerRecord(**dict(zip(_WORKER_FIELDS, r, strict=True)))
+                for r in conn.execute(f"SELECT {', '.join(_WORKER_FIELDS)} FROM workers")
+            ]
+            for w in workers:
+                w.active = bool(w.active)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'next_worker_id'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._explain(exc) from None
+        except StoreError:
+            conn.close()
+            raise
+        self._write = conn
+        return Snapshot(jobs=jobs, workers=workers, next_worker_id=int(row[0]) if row else 1)
+
+    def commit(
+        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+    ) -> None:
+        conn = self._write
+        assert conn is not None, "open() first"
+        try:
+            conn.execute("BEGIN")
+            if jobs:
+                conn.executemany(_JOB_UPSERT, [_job_row(j) for j in jobs])
+            if workers:
+                conn.executemany(
+                    _WORKER_UPSERT, [tuple(getattr(w, f) for f in _WORKER_FIELDS) for w in workers]
+                )
+            for key, value in meta.items():
+                conn.execute(
+                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "value = excluded.value",
+                    (key, str(value)),
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise self._explain(exc) from None
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = (
+            self._reader()
+            .execute(f"SELECT {', '.join(_JOB_FIELDS)} FROM jobs WHERE id = ?", (job_id,))
+            .fetchone()
+        )
+        return _job(row) if row else None
+
+    def query_jobs(self, query: JobQuery) -> list[JobRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.states:
+            where.append(f"state IN ({', '.join('?' * len(query.states))})")
+            args.extend(query.states)
+        for column, value in (
+            ("queue", query.queue),
+            ("worker_id", query.worker_id),
+            ("label", query.label),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if query.since is not None:
+            where.append("submitted >= ?")
+            args.append(query.since)
+        if query.until is not None:
+            where.append("submitted < ?")
+            args.append(query.until)
+        sql = f"SELECT {', '.join(_JOB_FIELDS)} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY submitted DESC LIMIT ?"
+        args.append(query.limit)
+        return [_job(r) for r in self._reader().execute(sql, args)]
+
+    def purge(self, finished_before: float) -> int:
+        conn = self._write
+        assert conn is not None
+        cur = conn.execute(
+            f"DELETE FROM jobs WHERE state IN ({', '.join('?' * len(_FINISHED))}) "
+            f"AND COALESCE(completed, submitted) < ?",
+            (*_FINISHED, finished_before),
+        )
+        return cur.rowcount
+
+    def close(self) -> None:
+        if self._write is not None:
+            self._write.close()
+            self._write = None
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

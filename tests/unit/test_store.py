@@ -1,0 +1,118 @@
+"""Both stores behave alike; the SQLite one survives reopening and explains bad files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from corral.store import JobQuery, JobRecord, StoreError, WorkerRecord, open_store
+
+
+def rec(id_, state="queued", queue="default", submitted=1.0, **kw):
+    return JobRecord(
+        id=id_,
+        queue=queue,
+        state=state,
+        headers="",
+        body=b"[]",
+        submitter=b"\xff",
+        submitted=submitted,
+        **kw,
+    )
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/s/b.db"
+    s = open_store(url)
+    s.open()
+    yield s
+    s.close()
+
+
+def test_upsert_and_snapshot(store):
+    store.commit(
+        [rec("a"), rec("b", "running", worker_uuid="w")],
+        [WorkerRecord(uuid="w", id=3, queues="[]", registered=1, last_seen=1)],
+        {"next_worker_id": 4},
+    )
+    store.commit([rec("a", "succeeded", result=b'{"value": 1}', completed=5.0)], [], {})
+    assert store.get_job("a").state == "succeeded"
+    assert store.get_job("a").submitter == b"\xff"
+    assert store.get_job("zzz") is None
+
+
+def test_query_filters(store):
+    store.commit(
+        [
+            rec("a", submitted=1, label="x"),
+            rec("b", "dead", submitted=2),
+            rec("c", "dead", queue="q", submitted=3, worker_id=2),
+        ],
+        [],
+        {},
+    )
+    ids = lambda q: [j.id for j in store.query_jobs(q)]  # noqa: E731
+    assert ids(JobQuery(states=["dead"])) == ["c", "b"]
+    assert ids(JobQuery(queue="q")) == ["c"]
+    assert ids(JobQuery(label="x")) == ["a"]
+    assert ids(JobQuery(worker_id=2)) == ["c"]
+    assert ids(JobQuery(since=2, until=3)) == ["b"]
+    assert ids(JobQuery(limit=1)) == ["c"]
+
+
+def test_purge_only_finished(store):
+    store.commit(
+        [
+            rec("old", "succeeded", completed=10),
+            rec("new", "succeeded", completed=100),
+            rec("q", "queued", submitted=1),
+        ],
+        [],
+        {},
+    )
+    assert store.purge(50) == 1
+    assert store.get_job("old") is None and store.get_job("q") is not None
+
+
+def test_sqlite_survives_reopen(tmp_path):
+    url = f"sqlite:///{tmp_path}/b.db"
+    s = open_store(url)
+    s.open()
+    s.commit(
+        [rec("a"), rec("done", "succeeded")],
+        [WorkerRecord(uuid="w", id=5, queues="[]", registered=1, last_seen=1)],
+        {"next_worker_id": 6},
+    )
+    s.close()
+    s2 = open_store(url)
+    snap = s2.open()
+    assert [j.id for j in snap.jobs] == ["a"]  # unfinished only
+    assert snap.next_worker_id == 6 and snap.workers[0].id == 5
+    s2.close()
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "b.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not a readable SQLite database"):
+        open_store(f"sqlite:///{path}").open()
+
+
+def test_locked_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "b.db"
+    open_store(f"sqlite:///{path}").open()
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            open_store(f"sqlite:///{path}").open()
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_unknown_store_url():
+    with pytest.raises(StoreError, match="unknown store"):
+        open_store("redis://x")
