@@ -19,6 +19,7 @@ from corral.protocol import (
     Kbye,
     ProtocolError,
     Publish,
+    Query,
     Ready,
     Reply,
     Request,
@@ -61,6 +62,7 @@ ALL_MESSAGES = [
     ShowWorkers("m"),
     ShowSchedulers("n"),
     Error("o", "bad-json", "detail", "ref"),
+    Query("p", "job", {"id": "abc"}),
 ]
 
 

@@ -33,6 +33,7 @@ from corral.protocol import (
     Kbye,
     Message,
     ProtocolError,
+    Query,
     Ready,
     Reply,
     Request,
@@ -136,6 +137,8 @@ class BrokerCore:
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
+        #: QUERY messages for the shell to answer (they may need the store).
+        self.queries: list[tuple[bytes, Query]] = []
 
     # ------------------------------------------------------------ entry points
 
@@ -145,6 +148,8 @@ class BrokerCore:
             return
         if isinstance(msg, Request):
             self._on_request(identity, msg, frames, now)
+        elif isinstance(msg, Query):
+            self.queries.append((identity, msg))
         elif isinstance(msg, Inform):
             self._on_scheduler_inform(identity, msg, now)
         elif isinstance(msg, Heartbeat):
@@ -635,6 +640,13 @@ class BrokerCore:
                 q.name: [[weight, w.name] for weight, members in q.levels for w in members]
                 for q in self.queues.values()
             },
+        }
+
+    def worker_map(self) -> dict[str, Any]:
+        """Connected workers by id, and every uuid ever registered with its id."""
+        return {
+            "workers": {str(w.id): self._worker_info(w) for w in self.workers.values()},
+            "registered": {uuid: wid for uuid, wid in self.worker_ids.items()},
         }
 
     def show_schedulers(self, now: float) -> dict[str, Any]:

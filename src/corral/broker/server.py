@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from corral.broker.core import BrokerCore, Dest
+from corral.broker.queries import QueryHandler
 from corral.store.base import JobRecord, Store, WorkerRecord
 from corral.store.memory import MemoryStore
 
@@ -65,6 +66,9 @@ class BrokerServer:
         )
         self.commits = 0
         self.commit_failures = 0
+        self._readers: ThreadPoolExecutor | None = None
+        self.queries = QueryHandler(core, self.store, self._in_thread, self._answer,
+                                    time.monotonic)
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
@@ -84,6 +88,13 @@ class BrokerServer:
         self.core.restore(snapshot, time.monotonic())
         if not isinstance(self.store, MemoryStore):
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-store")
+            self._readers = ThreadPoolExecutor(2, thread_name_prefix="corral-query")
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._readers is None:
+            return fn(*args)
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._readers, fn, *args)
 
     def bind(self) -> None:
         if self.notify_endpoint:
@@ -181,6 +192,9 @@ class BrokerServer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
+            self._readers = None
         self.store.close()
 
     # ------------------------------------------------------------ I/O
@@ -220,6 +234,10 @@ class BrokerServer:
             for topic, payload in core.notifications:
                 self._notify.send_multipart([topic.encode(), msgspec.json.encode(payload)])
         core.notifications.clear()
+        if core.queries:
+            queries, core.queries = core.queries, []
+            for identity, query in queries:
+                self.queries.handle(identity, query)
         if core.acks or core.dirty or core.dirty_workers:
             self._commit()  # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
@@ -243,6 +261,10 @@ class BrokerServer:
                     log.warning(
                         "could not send to %r on %s: %s", identity[:64], dest.name.lower(), exc
                     )
+
+    def _answer(self, batch: list[tuple[Dest, bytes, list[bytes]]]) -> None:
+        self._send(batch)
+        self._flush()  # the query may have changed state (a retry)
 
     # ------------------------------------------------------------ group commit
 

@@ -30,8 +30,12 @@ class Command(StrEnum):
     STATUS = "STATUS"
     ROUTER_SHOW_WORKERS = "ROUTER_SHOW_WORKERS"
     ROUTER_SHOW_SCHEDULERS = "ROUTER_SHOW_SCHEDULERS"
-    # corral extension: the broker tells a sender why its message was refused.
+    # corral extensions.
+    #: the broker tells a sender why its message was refused.
     ERROR = "ERROR"
+    #: a client asks about jobs or workers, or acts on a job (retry, cancel);
+    #: answered by a REPLY whose outcome carries the answer.
+    QUERY = "QUERY"
 
 
 COMMANDS: dict[bytes, Command] = {c.value.encode(): c for c in Command}

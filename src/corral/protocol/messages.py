@@ -256,6 +256,17 @@ class Error(Message):
         return [self.reason.encode(), self.detail.encode(), self.ref.encode()]
 
 
+class Query(Message):
+    """corral's question or command about jobs and workers: ``{"op": ..., ...}``."""
+
+    op: str = ""
+    params: dict[str, Any] = {}
+    command = Command.QUERY
+
+    def args(self) -> list[bytes]:
+        return [_json_encode({**self.params, "op": self.op})]
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -442,6 +453,15 @@ def _p_error(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     return Error(msgid, texts[0], texts[1], texts[2])
 
 
+def _p_query(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
+    _arity(cmd, rest, 1, 1, msgid)
+    request = _json(rest[0], _object_json, "QUERY", msgid)
+    op = request.pop("op", None)
+    if not isinstance(op, str) or not op:
+        raise ProtocolError("bad-query", "a QUERY needs a string 'op'", msgid)
+    return Query(msgid, op, request)
+
+
 _PARSERS = {
     Command.INFORM: _p_inform,
     Command.ACK: _p_ack,
@@ -458,4 +478,5 @@ _PARSERS = {
     Command.ROUTER_SHOW_WORKERS: _p_bare(ShowWorkers),
     Command.ROUTER_SHOW_SCHEDULERS: _p_bare(ShowSchedulers),
     Command.ERROR: _p_error,
+    Command.QUERY: _p_query,
 }

@@ -1,0 +1,5 @@
+"""`python -m bench`: every benchmark, printed."""
+
+from bench.core import main
+
+main()

@@ -1,0 +1,59 @@
+"""Draining pyzmq sockets from an asyncio loop without per-message awaits.
+
+A ZeroMQ socket's FD is edge-triggered and also signals on send-side
+activity, so the rule is: on wake-up, drain until EAGAIN (a bounded batch,
+then yield to the loop), and after sending, look at ``EVENTS`` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import zmq
+
+
+class SocketWatcher:
+    """Calls ``handler(frames)`` for each message arriving on ``sock``."""
+
+    def __init__(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None],
+                 *, batch: int = 256, after_batch: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.batch = batch
+        self.after_batch = after_batch
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._scheduled = False
+        self._loop.add_reader(self._fd, self.drain)
+        self.kick()
+
+    def drain(self) -> None:
+        self._scheduled = False
+        sock = self.sock
+        if sock.closed:
+            return
+        for _ in range(self.batch):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.handler(frames)
+        else:
+            self.kick(force=True)
+        if self.after_batch:
+            self.after_batch()
+
+    def kick(self, force: bool = False) -> None:
+        """Schedule a drain if messages are waiting (call after sending)."""
+        if self._scheduled or self.sock.closed:
+            return
+        if force or self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._scheduled = True
+            self._loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        try:
+            self._loop.remove_reader(self._fd)
+        except (ValueError, OSError):
+            pass

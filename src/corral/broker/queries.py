@@ -1,0 +1,151 @@
+"""Answers to clients' QUERY messages: job records, job lists, retries, the worker map.
+
+Jobs in flight are answered from the core (newest state); finished ones from
+the store, read in a thread so a slow query never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from corral.broker.core import BrokerCore, Dest, job_record
+from corral.protocol import PROTOCOL, Query, encode_outcome_error, new_msgid
+from corral.store.base import JobQuery, JobRecord, Store
+
+log = logging.getLogger("corral.broker")
+
+_outcome = msgspec.json.Decoder()
+MAX_LIMIT = 10_000
+
+
+class QueryError(Exception):
+    def __init__(self, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type_
+
+
+def job_view(rec: JobRecord, *, with_result: bool = True) -> dict[str, Any]:
+    """The public shape of a job record (what clients, the CLI and the gateway see)."""
+    view: dict[str, Any] = {
+        "id": rec.id,
+        "queue": rec.queue,
+        "state": rec.state,
+        "attempts": rec.attempts,
+        "worker_id": rec.worker_id,
+        "worker_uuid": rec.worker_uuid,
+        "submitted": rec.submitted,
+        "started": rec.started,
+        "completed": rec.completed,
+        "received": rec.received,
+        "label": rec.label,
+        "headers": rec.headers,
+        "error": None,
+    }
+    if rec.result is not None:
+        try:
+            outcome = _outcome.decode(rec.result)
+        except msgspec.DecodeError:
+            outcome = {}
+        if isinstance(outcome, dict):
+            view["error"] = outcome.get("error")
+            if with_result and "error" not in outcome:
+                view["result"] = outcome.get("value")
+    return view
+
+
+class QueryHandler:
+    """Runs QUERY ops against the core and the store; answers go to the frontend."""
+
+    def __init__(self, core: BrokerCore, store: Store, run_in_thread: Callable[..., Any],
+                 send: Callable[[list[tuple[Dest, bytes, list[bytes]]]], None],
+                 now: Callable[[], float]) -> None:
+        self.core = core
+        self.store = store
+        self.run_in_thread = run_in_thread
+        self.send = send
+        self.now = now
+
+    def handle(self, identity: bytes, query: Query) -> None:
+        op = getattr(self, f"op_{query.op}", None)
+        if op is None:
+            self._answer_error(identity, query, "BadRequest", f"unknown query op {query.op!r}")
+            return
+        asyncio.ensure_future(self._run(op, identity, query))
+
+    async def _run(self, op: Callable[..., Any], identity: bytes, query: Query) -> None:
+        try:
+            value = await op(**query.params)
+        except QueryError as exc:
+            self._answer_error(identity, query, exc.type, str(exc))
+        except TypeError as exc:
+            self._answer_error(identity, query, "BadRequest", f"bad arguments for {query.op}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a failed query must still be answered
+            log.exception("query %s failed", query.op)
+            self._answer_error(identity, query, "InternalError", str(exc))
+        else:
+            self._answer(identity, query, msgspec.json.encode({"value": value}))
+
+    def _answer(self, identity: bytes, query: Query, outcome: bytes) -> None:
+        self.send([(Dest.FRONTEND, identity,
+                    [b"", PROTOCOL, b"REPLY", new_msgid().encode(), outcome,
+                     query.msgid.encode()])])
+
+    def _answer_error(self, identity: bytes, query: Query, type_: str, message: str) -> None:
+        self._answer(identity, query, encode_outcome_error(type_, message))
+
+    async def _record(self, job_id: str) -> JobRecord | None:
+        job = self.core.jobs.get(job_id)
+        if job is not None:
+            return job_record(job, self.core.wall_offset)
+        return await self.run_in_thread(self.store.get_job, job_id)
+
+    # ------------------------------------------------------------ ops
+
+    async def op_job(self, id: str, with_result: bool = True) -> dict[str, Any]:  # noqa: A002
+        rec = await self._record(_job_id(id))
+        if rec is None:
+            raise QueryError("NotFound", f"no job {id!r} (never submitted, or purged)")
+        return job_view(rec, with_result=with_result)
+
+    async def op_jobs(self, state: str | list[str] | None = None, queue: str | None = None,
+                      worker_id: int | None = None, label: str | None = None,
+                      since: float | None = None, until: float | None = None,
+                      limit: int = 100) -> list[dict[str, Any]]:
+        states = [state] if isinstance(state, str) else list(state or [])
+        if not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
+            raise QueryError("BadRequest", f"limit must be 1..{MAX_LIMIT}")
+        query = JobQuery(states=states, queue=queue, worker_id=worker_id, label=label,
+                         since=since, until=until, limit=limit)
+        found = await self.run_in_thread(self.store.query_jobs, query)
+        # The store lags the core by at most one commit: show in-flight jobs as they are now.
+        views = []
+        for rec in found:
+            live = self.core.jobs.get(rec.id)
+            if live is not None:
+                rec = job_record(live, self.core.wall_offset)
+            views.append(job_view(rec, with_result=False))
+        return views
+
+    async def op_retry(self, id: str) -> dict[str, Any]:  # noqa: A002
+        rec = await self._record(_job_id(id))
+        if rec is None:
+            raise QueryError("NotFound", f"no job {id!r}")
+        if not self.core.retry(rec, self.now()):
+            raise QueryError("NotRetryable",
+                             f"job {id} is {rec.state}; only dead, failed or cancelled jobs "
+                             f"can be retried")
+        return {"id": rec.id, "state": self.core.jobs[rec.id].state.value}
+
+    async def op_workers(self) -> dict[str, Any]:
+        return self.core.worker_map()
+
+
+def _job_id(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise QueryError("BadRequest", "a job id is a non-empty string")
+    return value

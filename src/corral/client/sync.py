@@ -1,0 +1,461 @@
+"""The synchronous, thread-safe client.
+
+One background I/O thread owns the DEALER socket. Submitting threads append
+jobs to a deque and, only if the I/O thread is asleep and not yet woken,
+write one byte to a socketpair it polls next to the DEALER: a submission is
+sent as soon as the I/O thread is scheduled (no polling interval), and a
+burst of submissions costs one wake-up and is sent in one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import InvalidStateError
+from time import monotonic
+from typing import Any
+
+import zmq
+
+from corral.client.job import Job
+from corral.client.options import broker_address, make_headers, make_request, queue_for
+from corral.errors import ClientClosed, JobFailed, NotAcknowledged, Rejected
+from corral.protocol import Error, Heartbeat, ProtocolError, Reply, new_msgid, parse
+
+log = logging.getLogger(__name__)
+
+#: Messages received per pass before the I/O thread looks at its outbox again.
+_RECV_BATCH = 1024
+#: Outgoing messages zmq may buffer before the I/O thread keeps jobs in its own deque.
+_SNDHWM = 100_000
+
+# Bumped in a forked child: a client inherited through fork() has no I/O thread.
+_fork_generation = 0
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def configure_socket(sock: zmq.Socket, identity: str) -> None:
+    """Options every client DEALER gets: text identity, short linger, quick reconnects."""
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    # A closing client should not keep the process alive for long over unsent messages;
+    # close() already waited for the broker to acknowledge what it sent.
+    sock.setsockopt(zmq.LINGER, 500)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    # ZMTP heartbeats notice a dead TCP connection (a broker host gone) and reconnect.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 3000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+    sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
+class Client:
+    """A synchronous connection to a corral (or EventMQ) broker's frontend.
+
+    ``address`` defaults to ``$CORRAL_BROKER``, else ``tcp://127.0.0.1:47291``.
+    ``identity`` (default: a fresh uuid4 text) is the socket identity the
+    broker sees. ``ack_timeout`` (default 10 s) bounds how long a job may wait
+    for the broker's acknowledgement before failing with
+    :class:`~corral.errors.NotAcknowledged`; results themselves may take as
+    long as the job runs. ``context`` defaults to the process's shared
+    ``zmq.Context.instance()``.
+
+    Any number of threads may call :meth:`submit` at once. Use as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(self, address: str | None = None, *, identity: str | None = None,
+                 ack_timeout: float = 10.0, context: zmq.Context | None = None) -> None:
+        if not ack_timeout > 0:
+            raise ValueError(f"ack_timeout must be > 0 seconds, not {ack_timeout!r}")
+        self.address = broker_address(address)
+        self.identity = identity or new_msgid()
+        self.ack_timeout = float(ack_timeout)
+        self._generation = _fork_generation
+        self._outbox: deque[Job] = deque()
+        self._signalled = False
+        self._closing = False
+        self._close_deadline = math.inf
+        self._stopped = False
+        self._close_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        ctx = context or zmq.Context.instance()
+        self._sock = ctx.socket(zmq.DEALER)
+        try:
+            configure_socket(self._sock, self.identity)
+            self._sock.connect(self.address)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+        # The socket is created here, so a bad address raises in the caller; thread
+        # start is the memory barrier that hands it over to the I/O thread.
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"corral-client-{self.identity[:8]}")
+        self._thread.start()
+        _live_clients.add(self)
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, fn: Any, /, *args: Any, queue: str | None = None,
+               timeout: float | None = None, retries: int = 0, guarantee: bool = False,
+               label: str | None = None, **kwargs: Any) -> Job:
+        """Submit ``fn(*args, **kwargs)`` and return its :class:`Job` at once.
+
+        ``fn`` is a task, an importable function or a ``"pkg.mod:fn"`` string
+        (see :func:`corral.client.target.body_for`). Options: ``queue``
+        (default: the task's own queue, else ``"default"``); ``timeout``
+        seconds the job may run (default ``None``: no limit); ``retries`` runs
+        after a failure (default 0); ``guarantee`` (default ``False``): finish
+        even if its worker dies; ``label`` (default none): a free-form tag.
+        Keyword arguments with those names go to the options, not to ``fn``:
+        use :meth:`submit_with` when ``fn`` takes such a keyword.
+
+        Raises :class:`TypeError` (target not importable, arguments not
+        JSON-serializable) or :class:`ValueError` (bad option) before sending.
+        """
+        return self.submit_with(fn, args, kwargs, queue=queue, timeout=timeout,
+                                retries=retries, guarantee=guarantee, label=label)
+
+    def submit_with(self, fn: Any, args: Iterable[Any] = (),
+                    kwargs: Mapping[str, Any] | None = None, *, queue: str | None = None,
+                    timeout: float | None = None, retries: int = 0, guarantee: bool = False,
+                    label: str | None = None, headers: Sequence[str] = ()) -> Job:
+        """Like :meth:`submit` with the call's ``args`` and ``kwargs`` passed as values.
+
+        ``args`` defaults to none and ``kwargs`` to none; no keyword collides
+        with the options. ``headers`` (default none) adds raw header tokens.
+        """
+        self._check_usable()
+        queue = queue_for(fn, queue)
+        hdrs = make_headers(timeout=timeout, retries=retries, guarantee=guarantee, label=label,
+                            extra=headers)
+        request = make_request(fn, args, kwargs, queue, hdrs)
+        job = Job(request.msgid, queue)
+        job._frames = request.to_frames()
+        self._enqueue(job)
+        return job
+
+    def map(self, fn: Any, /, *iterables: Iterable[Any], window: int = 64,
+            queue: str | None = None, timeout: float | None = None,
+            result_timeout: float | None = None, **options: Any) -> Iterator[Any]:
+        """Run ``fn`` over the zipped items of ``iterables`` (like ``map``); yield results in order.
+
+        At most ``window`` (default 64) jobs are in flight at any time. The
+        first failure, in input order, is raised when reached; jobs not yet
+        sent are then cancelled. ``queue`` and ``timeout`` (the job's time
+        limit) and further ``options`` (``retries``, ``guarantee``, ``label``,
+        ``headers``) are as in :meth:`submit_with`. ``result_timeout`` (default
+        ``None``) bounds each wait for a result.
+        """
+        if window < 1:
+            raise ValueError(f"window must be >= 1, not {window!r}")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        return self._map(fn, zip(*iterables, strict=False), window, result_timeout,
+                         dict(options, queue=queue, timeout=timeout))
+
+    def _map(self, fn: Any, calls: Iterator[tuple[Any, ...]], window: int,
+             result_timeout: float | None, options: dict[str, Any]) -> Iterator[Any]:
+        in_flight: deque[Job] = deque()
+        try:
+            for args in calls:
+                in_flight.append(self.submit_with(fn, args, None, **options))
+                if len(in_flight) >= window:
+                    yield in_flight.popleft().result(result_timeout)
+            while in_flight:
+                yield in_flight.popleft().result(result_timeout)
+        finally:
+            for job in in_flight:
+                job.cancel()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the client: send what was submitted, then release the socket.
+
+        Waits up to ``timeout`` seconds (default ``None``: up to
+        ``ack_timeout``) for the broker to acknowledge jobs already sent, so
+        that a program may submit and exit. Jobs still without an outcome then
+        fail with :class:`~corral.errors.ClientClosed`; further submits raise it.
+        Safe to call more than once and from any thread.
+        """
+        with self._close_lock:
+            if self._closing:
+                first = False
+            else:
+                first = True
+                wait = self.ack_timeout if timeout is None else max(0.0, timeout)
+                self._close_deadline = monotonic() + wait
+                self._closing = True
+        if first and self._generation == _fork_generation:
+            self._wake()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            if self._generation == _fork_generation:
+                self._thread.join()
+        _live_clients.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the client was inherited through fork)."""
+        return self._closing or self._generation != _fork_generation
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Client {self.address} identity={self.identity} {state}>"
+
+    def _check_usable(self) -> None:
+        if self._generation != _fork_generation:
+            raise ClientClosed("this client was created before fork(); create a new one "
+                               "in the child (corral.client.default_client() does)")
+        if self._closing:
+            raise ClientClosed("the client is closed")
+
+    # ------------------------------------------------------------ hand-over
+
+    def _enqueue(self, job: Job) -> None:
+        job._deadline = monotonic() + self.ack_timeout
+        self._outbox.append(job)
+        if not self._signalled:
+            self._signalled = True
+            self._wake()
+        if self._stopped:
+            # close() won the race: the I/O thread is gone, fail what it cannot send.
+            self._fail_outbox()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the buffer is full of wake-ups already
+        except OSError:
+            pass  # closed: the I/O thread has stopped and the caller handles that
+
+    def _fail_outbox(self) -> None:
+        while True:
+            try:
+                job = self._outbox.popleft()
+            except IndexError:
+                return
+            _settle_error(job, ClientClosed("the client was closed before the job was sent"))
+
+    # ------------------------------------------------------------ I/O thread
+
+    def _run(self) -> None:
+        io = _IOLoop(self)
+        try:
+            io.run()
+        except Exception:
+            log.exception("corral client I/O thread crashed")
+        finally:
+            self._closing = True
+            self._stopped = True
+            self._fail_outbox()
+            for job in io.pending.values():
+                _settle_error(job, ClientClosed("the client was closed before the job's "
+                                                "outcome arrived"))
+            io.pending.clear()
+            self._sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+class _IOLoop:
+    """The I/O thread's state: what was sent, what awaits acknowledgement."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.sock = client._sock
+        #: Sent jobs by id, until their outcome (or a refusal) arrives.
+        self.pending: dict[str, Job] = {}
+        #: Sent jobs in send order, which is ack-deadline order.
+        self.unacked: deque[Job] = deque()
+        self.blocked = False
+
+    def run(self) -> None:
+        client, sock = self.client, self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(client._wake_r, zmq.POLLIN)
+        wake_fd = client._wake_r.fileno()  # zmq.Poller reports plain sockets by fd
+        while True:
+            # `_signalled` is False only while we sleep in poll: a submitter that finds it
+            # False writes one wake-up byte. Lowered *before* the outbox is looked at, so a
+            # job appended after that look is always followed by a byte; while we are awake
+            # submitters make no system call (and so do not hand us the GIL once per job).
+            client._signalled = False
+            if client._outbox and not self.blocked:
+                timeout: int | None = 0
+            else:
+                timeout = self._poll_timeout()
+            events = poller.poll(timeout)
+            client._signalled = True
+            for item, _ in events:
+                if item == wake_fd:
+                    self._drain_wake()
+            if events and any(item is sock for item, _ in events):
+                self._receive()
+            was_blocked = self.blocked
+            self._send()
+            if self.blocked != was_blocked:
+                poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if self.blocked else 0))
+            now = monotonic()
+            self._expire(now)
+            if client._closing and self._may_stop(now):
+                return
+
+    def _poll_timeout(self) -> int | None:
+        deadline = math.inf
+        unacked = self.unacked
+        while unacked and (unacked[0]._acked or unacked[0].done()):
+            unacked.popleft()
+        if unacked:
+            deadline = unacked[0]._deadline
+        outbox = self.client._outbox
+        if outbox:
+            deadline = min(deadline, outbox[0]._deadline)
+        if self.client._closing:
+            deadline = min(deadline, self.client._close_deadline)
+        if deadline == math.inf:
+            return None
+        return max(0, math.ceil((deadline - monotonic()) * 1000))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self.client._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _send(self) -> None:
+        outbox, sock, pending, unacked = self.client._outbox, self.sock, self.pending, self.unacked
+        while outbox:
+            job = outbox[0]
+            if not job._started:
+                if not job.set_running_or_notify_cancel():
+                    outbox.popleft()  # cancelled before it was sent
+                    continue
+                job._started = True
+            try:
+                sock.send_multipart(job._frames, zmq.NOBLOCK)  # type: ignore[arg-type]
+            except zmq.Again:
+                # zmq's queue is full (broker slow or away): keep the rest in our deque.
+                self.blocked = True
+                return
+            outbox.popleft()
+            job._frames = None
+            pending[job.id] = job
+            unacked.append(job)
+        self.blocked = False
+
+    def _receive(self) -> None:
+        sock = self.sock
+        for _ in range(_RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_frames(frames)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            msg = parse(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from the broker: %s", exc)
+            return
+        if type(msg) is Reply:
+            job = self.pending.get(msg.ref)
+            if job is None:
+                log.debug("REPLY for unknown or finished job %s", msg.ref)
+                return
+            if msg.result is None:
+                job._mark_acknowledged()
+                return
+            del self.pending[msg.ref]
+            job._acked = True  # an outcome implies the broker had the job
+            outcome = msg.outcome()
+            if outcome.error is None:
+                _settle_value(job, outcome.value)
+            else:
+                err = outcome.error
+                _settle_error(job, JobFailed.from_error(err.type, err.message, err.traceback,
+                                                        job.id))
+        elif type(msg) is Error:
+            job = self.pending.pop(msg.ref, None)
+            if job is None:
+                log.warning("broker refused a message: %s %s", msg.reason, msg.detail)
+                return
+            _settle_error(job, Rejected(msg.reason, msg.detail, job.id))
+        elif type(msg) is Heartbeat:
+            pass
+        else:
+            log.debug("ignored %s from the broker", msg.command.value)
+
+    def _expire(self, now: float) -> None:
+        unacked, pending = self.unacked, self.pending
+        timeout = self.client.ack_timeout
+        while unacked:
+            job = unacked[0]
+            if job._acked or job.done():
+                unacked.popleft()
+                continue
+            if job._deadline > now:
+                break
+            unacked.popleft()
+            pending.pop(job.id, None)
+            _settle_error(job, NotAcknowledged(job.id, timeout))
+        outbox = self.client._outbox
+        # Jobs zmq would not even take (broker away, queue full) time out the same way.
+        while outbox and outbox[0]._deadline <= now:
+            job = outbox.popleft()
+            _settle_error(job, NotAcknowledged(job.id, timeout))
+
+    def _may_stop(self, now: float) -> bool:
+        if now >= self.client._close_deadline:
+            return True
+        if self.client._outbox:
+            return False
+        return all(job._acked or job.done() for job in self.unacked)
+
+
+def _settle_value(job: Job, value: Any) -> None:
+    try:
+        job.set_result(value)
+    except InvalidStateError:
+        pass  # cancelled locally or already failed (e.g. not acknowledged in time)
+
+
+def _settle_error(job: Job, exc: BaseException) -> None:
+    try:
+        job.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
+def close_all_clients() -> None:
+    """Close every open client of this process (at interpreter exit)."""
+    for client in list(_live_clients):
+        client.close()

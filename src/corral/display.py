@@ -1,0 +1,49 @@
+"""Readable terminal output (rich) for the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_status(stats: dict[str, Any], workers: dict[str, Any],
+                 console: Console | None = None) -> None:
+    console = console or Console()
+    queues = sorted(set(stats.get("waiting_messages_by_queue", {}))
+                    | set(workers.get("connected_queues", {})))
+    table = Table(title="queues", title_justify="left")
+    for column in ("queue", "waiting", "running", "done", "workers", "last ms", "max ms"):
+        table.add_column(column, justify="left" if column == "queue" else "right")
+    for name in queues:
+        table.add_row(
+            name,
+            str(stats.get("waiting_messages_by_queue", {}).get(name, 0)),
+            str(stats.get("inflight_messages_by_queue", {}).get(name, 0)),
+            str(stats.get("processed_messages_by_queue", {}).get(name, 0)),
+            str(len(workers.get("connected_queues", {}).get(name, []))),
+            f"{stats.get('latency_messages_by_queue', {}).get(name, 0):.1f}",
+            f"{stats.get('max_latency_messages_by_queue', {}).get(name, 0):.1f}",
+        )
+    console.print(table)
+    wtable = Table(title="workers", title_justify="left")
+    for column in ("worker", "queues", "free slots", "running", "done"):
+        wtable.add_column(column, justify="left" if column in ("worker", "queues") else "right")
+    for name, info in sorted(workers.get("connected_workers", {}).items()):
+        wtable.add_row(
+            name,
+            ",".join(f"{q[1]}:{q[0]}" for q in info.get("queues", [])),
+            str(info.get("available_slots", 0)),
+            str(info.get("running", "")),
+            str(info.get("processed", "")),
+        )
+    console.print(wtable)
+    bad = stats.get("malformed_messages") or {}
+    line = (f"jobs in flight {stats.get('jobs_in_flight', 0)}, "
+            f"accepted {stats.get('jobs_accepted', 0)}, "
+            f"completed {stats.get('jobs_completed', 0)}, "
+            f"workers lost {stats.get('workers_lost', 0)}")
+    if bad:
+        line += ", malformed messages " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+    console.print(line)

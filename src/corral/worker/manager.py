@@ -1,0 +1,271 @@
+"""A worker's connection to the broker: INFORM, READY per free slot, run, REPLY.
+
+The worker keeps one DEALER socket with a stable identity for its whole
+life. ZeroMQ reconnects the TCP connection by itself (with exponential
+backoff up to ``reconnect_max``); the worker's job is to notice a broker that
+went silent or forgot it and to announce itself again with the same uuid and
+the ids of the jobs it still runs, so the broker can keep them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+
+from corral._loop import SocketWatcher
+from corral.protocol import (
+    DEFAULT_BACKEND,
+    PROTOCOL,
+    Ack,
+    Error,
+    Heartbeat,
+    Inform,
+    Kbye,
+    ProtocolError,
+    Request,
+    encode_outcome_error,
+    new_msgid,
+    parse,
+)
+from corral.worker.pool import Pool
+
+log = logging.getLogger("corral.worker")
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    """Settings of one worker process.
+
+    ``queues`` are ``(weight, name)`` pairs (higher weight is served first);
+    ``concurrency`` is the number of pool processes (default: CPU count);
+    ``imports`` are the deployment's modules with ``@corral.task`` functions;
+    ``allow`` are module prefixes whose callables may run as well.
+    """
+
+    backend: str = DEFAULT_BACKEND
+    queues: tuple[tuple[int, str], ...] = ((10, "default"),)
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    imports: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    max_jobs_per_child: int | None = None
+    heartbeat_interval: float = 3.0
+    heartbeat_liveness: int = 3
+    reconnect_max: float = 5.0
+    grace: float = 30.0
+    identity: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: Outcomes kept after sending, re-sent after a reconnect in case the
+    #: broker that should have received them died first.
+    resend_window: int = 1000
+
+
+class WorkerManager:
+    def __init__(self, config: WorkerConfig, *, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.pool = Pool(config.concurrency, imports=config.imports, allow=config.allow,
+                         max_jobs_per_child=config.max_jobs_per_child)
+        self.running: dict[str, asyncio.Future[bytes]] = {}
+        self.processed = 0
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._sock: zmq.Socket | None = None
+        self._watcher: SocketWatcher | None = None
+        self._informed = False
+        self._inform_id = ""
+        self._inform_sent = 0.0
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._draining = False
+        self._stopped: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def identity(self) -> str:
+        return self.config.identity
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Start the pool, connect, serve until :meth:`stop`, then drain and say KBYE."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        await self.pool.start()
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity.encode())
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.config.reconnect_max * 1000))
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.connect(self.config.backend)
+        self._sock = sock
+        self._watcher = SocketWatcher(sock, self._on_message)
+        self._last_heard = time.monotonic()
+        self._send_inform()
+        ticker = asyncio.ensure_future(self._ticker())
+        log.info("worker %s: %d process(es), queues %s, broker %s", self.identity,
+                 self.config.concurrency,
+                 ",".join(f"{n}:{w}" for w, n in self.config.queues), self.config.backend)
+        try:
+            await self._stopped.wait()
+        finally:
+            ticker.cancel()
+            await self._drain()
+
+    def stop(self) -> None:
+        """Begin an orderly stop: no new jobs, finish running ones within the grace period."""
+        self._draining = True
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _drain(self) -> None:
+        if self.running:
+            log.info("draining: waiting up to %.0f s for %d running job(s)",
+                     self.config.grace, len(self.running))
+            await asyncio.wait(list(self.running.values()), timeout=self.config.grace)
+        abandoned = list(self.running)
+        if abandoned:
+            log.warning("grace period over; %d job(s) abandoned to the broker", len(abandoned))
+        self._send([b"KBYE"])
+        self.running.clear()
+        await self.pool.close(grace=0)
+        if self._watcher:
+            self._watcher.close()
+        if self._sock is not None:
+            self._sock.close(linger=2000)
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, frames: Sequence[bytes]) -> None:
+        cmd, *rest = frames
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([b"", PROTOCOL, cmd, new_msgid().encode(), *rest],
+                                      zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("send queue to the broker is full; %s dropped", cmd.decode())
+        self._last_sent = time.monotonic()
+        if self._watcher:
+            self._watcher.kick()
+
+    def _send_inform(self) -> None:
+        self._informed = False
+        self._inform_id = new_msgid()
+        self._inform_sent = time.monotonic()
+        msg = Inform(self._inform_id, self.config.queues, "worker",
+                     {"running": list(self.running), "concurrency": self.config.concurrency,
+                      "pid": os.getpid()})
+        assert self._sock is not None
+        self._sock.send_multipart(msg.to_frames(), zmq.NOBLOCK)
+
+    def _send_ready(self, count: int) -> None:
+        for _ in range(count):
+            self._send([b"READY"])
+
+    @property
+    def free_slots(self) -> int:
+        return self.config.concurrency - len(self.running)
+
+    # ------------------------------------------------------------ receiving
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = parse(frames)
+        except ProtocolError as exc:
+            log.warning("bad message from the broker: %s", exc)
+            return
+        if isinstance(msg, Request):
+            self._on_request(msg)
+        elif isinstance(msg, Ack):
+            if msg.acked == self._inform_id and not self._informed:
+                self._informed = True
+                log.info("registered with the broker")
+                self._resend_recent()
+                if not self._draining:
+                    self._send_ready(self.free_slots)
+        elif isinstance(msg, Heartbeat):
+            pass
+        elif isinstance(msg, Kbye):
+            log.warning("the broker is shutting down; waiting for it to come back")
+            self._informed = False
+        elif isinstance(msg, Error):
+            if msg.reason == "unknown-worker":
+                if self._informed or time.monotonic() - self._inform_sent > 1.0:
+                    log.warning("the broker does not know this worker (restarted?); re-registering")
+                    self._reconnected = True
+                    self._send_inform()
+            else:
+                log.warning("the broker refused a message: %s (%s)", msg.reason, msg.detail)
+
+    def _on_request(self, msg: Request) -> None:
+        job_id = msg.msgid
+        if self._draining:
+            log.warning("job %s arrived while draining; it stays with the broker", job_id)
+            return
+        if job_id in self.running:
+            return  # the broker re-sent a job we already run
+        try:
+            params = msgspec.to_builtins(msg.params())
+        except ProtocolError as exc:
+            self._reply(job_id, encode_outcome_error("BadRequest", exc.detail))
+            return
+        timeout = msg.headers.timeout or None
+        future = self.pool.run(job_id, params, timeout)
+        self.running[job_id] = future
+        future.add_done_callback(lambda f, jid=job_id: self._on_done(jid, f))
+
+    def _on_done(self, job_id: str, future: asyncio.Future[bytes]) -> None:
+        if self.running.pop(job_id, None) is None:
+            return
+        if future.cancelled():
+            return
+        exc = future.exception()
+        outcome = future.result() if exc is None else encode_outcome_error(
+            type(exc).__name__, str(exc))
+        self.processed += 1
+        self._reply(job_id, outcome)
+        if self._informed and not self._draining:
+            self._send_ready(1)
+
+    def _reply(self, job_id: str, outcome: bytes) -> None:
+        self._recent[job_id] = outcome
+        if len(self._recent) > self.config.resend_window:
+            self._recent.popitem(last=False)
+        self._send([b"REPLY", outcome, job_id.encode()])
+
+    def _resend_recent(self) -> None:
+        # After a reconnect the outcomes sent just before may have died with
+        # the old broker. The broker records the first outcome of a job and
+        # counts the rest, so re-sending is safe.
+        if self._recent and self._reconnected:
+            for job_id, outcome in self._recent.items():
+                self._send([b"REPLY", outcome, job_id.encode()])
+        self._reconnected = False
+
+    _reconnected = False
+
+    # ------------------------------------------------------------ heartbeats
+
+    async def _ticker(self) -> None:
+        interval = self.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(min(interval / 3, 1.0))
+            now = time.monotonic()
+            if now - self._last_sent >= interval:
+                self._send([b"HEARTBEAT", repr(time.time()).encode()])
+            silent = now - self._last_heard
+            if self._informed and silent > interval * self.config.heartbeat_liveness:
+                log.warning("no word from the broker for %.1f s; re-registering", silent)
+                self._reconnected = True
+                self._send_inform()
+            elif not self._informed and now - self._inform_sent > interval:
+                self._reconnected = True
+                self._send_inform()

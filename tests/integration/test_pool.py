@@ -1,0 +1,353 @@
+"""The process pool, with real child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from corral.worker.pool import Pool
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop (keeps fixtures working)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@asynccontextmanager
+async def started(concurrency: int = 1, **options: Any) -> AsyncIterator[Pool]:
+    options.setdefault("imports", ["tests.jobs"])
+    options.setdefault("allow", ["tests"])
+    options.setdefault("log_level", "WARNING")
+    pool = Pool(concurrency, **options)
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.close(grace=0)
+
+
+def job(name: str, *args: Any, path: str = "tests.jobs", **extra: Any) -> dict[str, Any]:
+    return {"path": path, "callable": name, "args": list(args), **extra}
+
+
+def value(outcome: bytes) -> Any:
+    decoded = json.loads(outcome)
+    assert "value" in decoded, decoded
+    return decoded["value"]
+
+
+def error(outcome: bytes) -> dict[str, str]:
+    decoded = json.loads(outcome)
+    assert "error" in decoded, decoded
+    return decoded["error"]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def stray_descendants() -> list[psutil.Process]:
+    """Our descendants other than multiprocessing's forkserver and resource tracker."""
+    strays = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        if "multiprocessing.forkserver" in cmdline or "multiprocessing.resource_tracker" in cmdline:
+            continue
+        strays.append(proc)
+    return strays
+
+
+@async_test
+async def test_runs_tasks_functions_and_methods() -> None:
+    async with started(2) as pool:
+        assert value(await pool.run("a", job("add", 1, 2), None)) == 3
+        assert value(await pool.run("b", job("plain_add", 2, 3), None)) == 5
+        method = job("add", 2, path="tests.jobs:Counter", class_kwargs={"start": 40})
+        assert value(await pool.run("c", method, None)) == 42
+        assert value(await pool.run("d", job("noop"), 0)) is None
+
+
+@async_test
+async def test_job_exception_becomes_error_outcome_with_traceback() -> None:
+    async with started() as pool:
+        err = error(await pool.run("f", job("fail"), None))
+        assert err["type"] == "ZeroDivisionError"
+        assert err["message"] == "division by zero"
+        assert "1 / 0" in err["traceback"] and "jobs.py" in err["traceback"]
+        assert "_run_job" not in err["traceback"]
+        # the child survives a failing job
+        assert value(await pool.run("g", job("add", 1, 1), None)) == 2
+
+
+@async_test
+async def test_refused_module_is_not_imported_in_the_child() -> None:
+    sentinel = "tests.jobs_sentinel"
+    async with started(1, allow=["tests.jobs"]) as pool:
+        pid = value(await pool.run("pid", job("getpid"), None))
+        err = error(await pool.run("r", job("run", path=sentinel), None))
+        assert err["type"] == "NotAllowed" and sentinel in err["message"]
+        assert value(await pool.run("check", job("is_imported", sentinel), None)) is False
+        assert value(await pool.run("pid2", job("getpid"), None)) == pid  # same child
+    # Control: the check does see the module once it is allowed and run.
+    async with started(1, allow=["tests"]) as pool:
+        assert value(await pool.run("r", job("run", path=sentinel), None)) == "ran"
+        assert value(await pool.run("check", job("is_imported", sentinel), None)) is True
+
+
+@async_test
+async def test_loader_errors_become_typed_outcomes() -> None:
+    async with started(1, allow=[]) as pool:
+        assert error(await pool.run("a", job("plain_add", 1, 2), None))["type"] == "NotAllowed"
+        assert error(await pool.run("b", job("__class__"), None))["type"] == "NotAllowed"
+        assert error(await pool.run("c", job("os.system"), None))["type"] == "BadRequest"
+        assert error(await pool.run("d", {"path": "tests.jobs"}, None))["type"] == "BadRequest"
+        # not registered, and tests is not allowed here: refused, not "not found"
+        assert error(await pool.run("e", job("nope"), None))["type"] == "NotAllowed"
+    async with started(1) as pool:
+        assert error(await pool.run("f", job("nope"), None))["type"] == "NotFound"
+
+
+@async_test
+async def test_unserializable_return_value() -> None:
+    async with started() as pool:
+        err = error(await pool.run("u", job("unserializable"), None))
+        assert err["type"] == "SerializationError" and "object" in err["message"]
+        # params that cannot be sent at all never reach a child
+        err = error(await pool.run("p", job("echo", object()), None))
+        assert err["type"] == "SerializationError"
+
+
+@async_test
+async def test_large_payloads_round_trip() -> None:
+    big = "x" * (4 << 20)  # far more than a socket buffer: partial writes
+    async with started() as pool:
+        assert value(await pool.run("big", job("echo", big), None)) == big
+
+
+@async_test
+async def test_time_limit_kills_sleeping_job_and_pool_recovers() -> None:
+    async with started(1) as pool:
+        (old,) = pool.pids
+        t0 = time.monotonic()
+        err = error(await pool.run("slow", job("sleep", 60), 0.3))
+        assert time.monotonic() - t0 < 3
+        assert err["type"] == "TimeLimitExceeded" and "0.3s" in err["message"]
+        await wait_until(lambda: gone(old))
+        assert value(await pool.run("next", job("add", 1, 2), None)) == 3
+        assert pool.pids != [old]
+
+
+@async_test
+async def test_time_limit_kills_job_stuck_in_c_code() -> None:
+    async with started(1) as pool:
+        t0 = time.monotonic()
+        err = error(await pool.run("regex", job("stuck_in_c"), 0.3))
+        assert err["type"] == "TimeLimitExceeded"
+        assert time.monotonic() - t0 < 3
+        assert value(await pool.run("next", job("add", 2, 2), None)) == 4
+
+
+@async_test
+async def test_crash_is_worker_lost_and_pool_recovers() -> None:
+    async with started(2) as pool:
+        err = error(await pool.run("exit", job("crash", 3), None))
+        assert err["type"] == "WorkerLost" and "code 3" in err["message"]
+        err = error(await pool.run("segv", job("segfault"), None))
+        assert err["type"] == "WorkerLost" and "SIGSEGV" in err["message"]
+        results = await asyncio.gather(
+            *(pool.run(f"n{i}", job("add", i, 1), None) for i in range(20))
+        )
+        assert [value(r) for r in results] == [i + 1 for i in range(20)]
+        await wait_until(lambda: len(pool.pids) == 2)
+
+
+@async_test
+async def test_recycling_replaces_children(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="corral.worker.pool")
+    async with started(1, max_jobs_per_child=3) as pool:
+        pids = [value(await pool.run(f"p{i}", job("getpid"), None)) for i in range(7)]
+        assert pids[0] == pids[1] == pids[2]
+        assert pids[3] == pids[4] == pids[5]
+        assert len({pids[0], pids[3], pids[6]}) == 3
+        await wait_until(lambda: gone(pids[0]) and gone(pids[3]))
+    # Retiring is a clean exit, not a lost worker.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@async_test
+async def test_cancel_queued_and_running_jobs(tmp_path: Path) -> None:
+    started_flag = tmp_path / "started"
+    async with started(1) as pool:
+        (old,) = pool.pids
+        running = pool.run("long", job("touch_and_sleep", str(started_flag), 60), None)
+        queued = pool.run("queued", job("add", 1, 2), None)
+        assert pool.free_slots == 0
+        assert pool.cancel("queued") is True
+        assert error(await queued)["type"] == "JobCancelled"
+        await wait_until(started_flag.exists)
+        t0 = time.monotonic()
+        assert pool.cancel("long") is True
+        err = error(await running)
+        assert err["type"] == "JobCancelled" and time.monotonic() - t0 < 2
+        assert pool.cancel("long") is False
+        assert pool.cancel("never-submitted") is False
+        await wait_until(lambda: gone(old))
+        assert value(await pool.run("after", job("add", 2, 3), None)) == 5
+        assert pool.free_slots == 1
+
+
+@async_test
+async def test_free_slots_and_bad_calls() -> None:
+    pool = Pool(2, imports=["tests.jobs"], log_level="WARNING")
+    assert pool.free_slots == 0
+    with pytest.raises(RuntimeError):
+        pool.run("early", job("add", 1, 2), None)
+    await pool.start()
+    try:
+        assert pool.free_slots == 2
+        a = pool.run("a", job("sleep", 60), None)
+        assert pool.free_slots == 1
+        with pytest.raises(ValueError):
+            pool.run("a", job("add", 1, 2), None)
+        b = pool.run("b", job("sleep", 60), None)
+        c = pool.run("c", job("add", 1, 2), None)  # queued
+        assert pool.free_slots == 0
+        for job_id in ("a", "b", "c"):
+            pool.cancel(job_id)
+        await asyncio.gather(a, b, c)
+        assert pool.free_slots == 2
+    finally:
+        await pool.close(grace=0)
+    assert pool.free_slots == 0
+    with pytest.raises(RuntimeError):
+        pool.run("late", job("add", 1, 2), None)
+
+
+@async_test
+async def test_children_ignore_sigint() -> None:
+    async with started(1) as pool:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGINT)
+        assert value(await pool.run("pid", job("getpid"), None)) == pid
+
+
+@async_test
+async def test_pipelined_noop_jobs() -> None:
+    async with started(2) as pool:
+        outcomes = await asyncio.gather(*(pool.run(f"n{i}", job("noop"), 30) for i in range(2000)))
+        assert set(outcomes) == {b'{"value":null}'}
+
+
+@async_test
+async def test_close_waits_for_running_jobs_then_kills() -> None:
+    pool = Pool(2, imports=["tests.jobs"], allow=["tests"], log_level="WARNING")
+    await pool.start()
+    pids = pool.pids
+    short = pool.run("short", job("sleep", 0.2), None)
+    long = pool.run("long", job("sleep", 60), None)
+    queued = pool.run("queued", job("add", 1, 2), None)
+    t0 = time.monotonic()
+    await pool.close(grace=1.0)
+    assert time.monotonic() - t0 < 5
+    assert value(await short) == 0.2
+    err = error(await long)
+    assert err["type"] == "WorkerLost" and "grace" in err["message"]
+    assert error(await queued)["type"] == "JobCancelled"
+    assert all(gone(pid) for pid in pids)
+    assert stray_descendants() == []
+    await pool.close()  # idempotent
+
+
+@async_test
+async def test_failed_start_raises_and_leaves_nothing() -> None:
+    pool = Pool(2, imports=["tests.no_such_module"], log_level="WARNING")
+    with pytest.raises(RuntimeError, match="ModuleNotFoundError"):
+        await pool.start()
+    assert stray_descendants() == []
+
+
+PARENT_SCRIPT = """
+import asyncio, sys
+from corral.worker.pool import Pool
+
+async def main():
+    pool = Pool(2, imports=["tests.jobs"], allow=["tests"], log_level="WARNING")
+    await pool.start()
+    params = {"path": "tests.jobs", "callable": "touch_and_sleep", "args": [sys.argv[1], 60]}
+    pool.run("sleeper", params, None)
+    print(*pool.pids, flush=True)
+    await asyncio.sleep(60)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_children_exit_when_the_parent_dies(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    flag = tmp_path / "started"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(flag)], cwd=ROOT, env=env, stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], 30)
+        assert ready, "the parent script did not start its pool"
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 10
+        while not flag.exists():
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.01)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "children outlived their parent"
+        time.sleep(0.02)
