@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import corral
 from tests.integration.procs import Cluster
+
+import corral
 
 
 def corral_throughput(client: corral.Client, n: int, window: int) -> float:
@@ -47,8 +48,7 @@ def run_corral(jobs: int, latency_jobs: int, window: int) -> dict[str, float]:
         cluster = Cluster(Path(tmp), heartbeat=3.0)
         try:
             cluster.broker("--log-level", "warning")
-            cluster.worker("--log-level", "warning", concurrency=2,
-                           imports=("corral.examples",))
+            cluster.worker("--log-level", "warning", concurrency=2, imports=("corral.examples",))
             with corral.Client(cluster.addrs.frontend) as client:
                 corral_throughput(client, min(2000, jobs), window)  # warm-up
                 rates = [corral_throughput(client, jobs, window) for _ in range(3)]
@@ -66,8 +66,11 @@ def run_corral(jobs: int, latency_jobs: int, window: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--latency-jobs", type=int, default=2_000)
     parser.add_argument("--window", type=int, default=1_000)
@@ -75,13 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-eventmq", action="store_true")
     args = parser.parse_args(argv)
 
-    print(f"corral: {args.jobs} no-op jobs with results, 1 pipelining client "
-          f"(window {args.window}), 1 worker x 2 processes")
+    print(
+        f"corral: {args.jobs} no-op jobs with results, 1 pipelining client "
+        f"(window {args.window}), 1 worker x 2 processes"
+    )
     c = run_corral(args.jobs, args.latency_jobs, args.window)
-    print(f"  corral   throughput {c['jobs_per_s']:9.0f} jobs/s "
-          f"(median of 3; min {c['jobs_per_s_min']:.0f}, max {c['jobs_per_s_max']:.0f})")
-    print(f"  corral   latency    p50 {c['p50_ms']:.3f} ms  p99 {c['p99_ms']:.3f} ms "
-          f"({args.latency_jobs} jobs, one synchronous client)")
+    print(
+        f"  corral   throughput {c['jobs_per_s']:9.0f} jobs/s "
+        f"(median of 3; min {c['jobs_per_s_min']:.0f}, max {c['jobs_per_s_max']:.0f})"
+    )
+    print(
+        f"  corral   latency    p50 {c['p50_ms']:.3f} ms  p99 {c['p99_ms']:.3f} ms "
+        f"({args.latency_jobs} jobs, one synchronous client)"
+    )
     if args.skip_eventmq:
         return
     try:
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     e = measure_eventmq(args.eventmq_jobs, processes=2)
     rate = e["jobs_per_s"]
-    print(f"  eventmq  throughput {rate:9.0f} jobs/s ({args.eventmq_jobs} jobs; "
-          f"{e.get('method', 'end to end')})")
+    print(
+        f"  eventmq  throughput {rate:9.0f} jobs/s ({args.eventmq_jobs} jobs; "
+        f"{e.get('method', 'end to end')})"
+    )
     print(f"  ratio    corral / eventmq = {c['jobs_per_s'] / rate:.1f}x")

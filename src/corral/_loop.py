@@ -16,8 +16,14 @@ import zmq
 class SocketWatcher:
     """Calls ``handler(frames)`` for each message arriving on ``sock``."""
 
-    def __init__(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None],
-                 *, batch: int = 256, after_batch: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        handler: Callable[[list[bytes]], None],
+        *,
+        batch: int = 256,
+        after_batch: Callable[[], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.handler = handler
         self.batch = batch

@@ -7,15 +7,29 @@ from typing import Any
 import msgspec
 import zmq
 
-from corral.protocol import DEFAULT_ADMIN, PROTOCOL, Ack, Error, ProtocolError, Reply, new_msgid, parse
+from corral.protocol import (
+    DEFAULT_ADMIN,
+    PROTOCOL,
+    Ack,
+    Error,
+    ProtocolError,
+    Reply,
+    new_msgid,
+    parse,
+)
 
 
 class AdminError(RuntimeError):
     pass
 
 
-def admin_request(command: str, address: str = DEFAULT_ADMIN, *, timeout: float = 5.0,
-                  context: zmq.Context | None = None) -> Any:
+def admin_request(
+    command: str,
+    address: str = DEFAULT_ADMIN,
+    *,
+    timeout: float = 5.0,
+    context: zmq.Context | None = None,
+) -> Any:
     """Send one admin ``command`` and return the decoded JSON reply.
 
     DISCONNECT returns ``None`` once the broker acknowledged it. Raises
@@ -29,8 +43,10 @@ def admin_request(command: str, address: str = DEFAULT_ADMIN, *, timeout: float 
         sock.connect(address)
         sock.send_multipart([b"", PROTOCOL, command.encode(), f"admin:{new_msgid()}".encode()])
         if not sock.poll(int(timeout * 1000)):
-            raise AdminError(f"no answer from the broker's admin socket at {address} "
-                             f"within {timeout:g} s: is the broker running?")
+            raise AdminError(
+                f"no answer from the broker's admin socket at {address} "
+                f"within {timeout:g} s: is the broker running?"
+            )
         frames = sock.recv_multipart()
     finally:
         sock.close()

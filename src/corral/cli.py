@@ -47,46 +47,99 @@ def parse_queues(text: str) -> tuple[tuple[int, str], ...]:
 
 
 def _broker_options(f):  # noqa: ANN001, ANN202 - click decorator stack
-    f = click.option("--admin", default=DEFAULT_ADMIN, show_default=True,
-                     help="Admin ROUTER endpoint (STATUS, workers).")(f)
-    f = click.option("--backend", default=DEFAULT_BACKEND, show_default=True,
-                     help="Backend ROUTER endpoint (workers connect here).")(f)
-    f = click.option("--frontend", default=DEFAULT_FRONTEND, show_default=True,
-                     help="Frontend ROUTER endpoint (clients connect here).")(f)
-    f = click.option("--heartbeat", default=3.0, show_default=True,
-                     help="Seconds between heartbeats.")(f)
-    f = click.option("--liveness", default=3, show_default=True,
-                     help="Missed heartbeat intervals before a peer is dead.")(f)
-    f = click.option("--max-frame", default=8 * 1024 * 1024, show_default=True,
-                     help="Largest frame accepted, in bytes.")(f)
-    f = click.option("--notify", default=DEFAULT_NOTIFY, show_default=True,
-                     help="PUB endpoint for worker registered/unregistered notices ('' = none).")(f)
-    f = click.option("--data-dir", default=None, envvar="CORRAL_DATA",
-                     help="Where the default store lives [default: $CORRAL_DATA, else "
-                          "~/.local/share/corral].")(f)
-    f = click.option("--store", "store_url", default=None, envvar="CORRAL_STORE",
-                     help="sqlite:///PATH or memory:// [default: sqlite in --data-dir].")(f)
-    f = click.option("--fsync", is_flag=True,
-                     help="Survive power loss too (SQLite synchronous=FULL); slower.")(f)
-    f = click.option("--restore/--no-restore", default=True, show_default=True,
-                     help="Take back the store's jobs and workers at start.")(f)
+    f = click.option(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        show_default=True,
+        help="Admin ROUTER endpoint (STATUS, workers).",
+    )(f)
+    f = click.option(
+        "--backend",
+        default=DEFAULT_BACKEND,
+        show_default=True,
+        help="Backend ROUTER endpoint (workers connect here).",
+    )(f)
+    f = click.option(
+        "--frontend",
+        default=DEFAULT_FRONTEND,
+        show_default=True,
+        help="Frontend ROUTER endpoint (clients connect here).",
+    )(f)
+    f = click.option(
+        "--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats."
+    )(f)
+    f = click.option(
+        "--liveness",
+        default=3,
+        show_default=True,
+        help="Missed heartbeat intervals before a peer is dead.",
+    )(f)
+    f = click.option(
+        "--max-frame",
+        default=8 * 1024 * 1024,
+        show_default=True,
+        help="Largest frame accepted, in bytes.",
+    )(f)
+    f = click.option(
+        "--notify",
+        default=DEFAULT_NOTIFY,
+        show_default=True,
+        help="PUB endpoint for worker registered/unregistered notices ('' = none).",
+    )(f)
+    f = click.option(
+        "--data-dir",
+        default=None,
+        envvar="CORRAL_DATA",
+        help="Where the default store lives [default: $CORRAL_DATA, else ~/.local/share/corral].",
+    )(f)
+    f = click.option(
+        "--store",
+        "store_url",
+        default=None,
+        envvar="CORRAL_STORE",
+        help="sqlite:///PATH or memory:// [default: sqlite in --data-dir].",
+    )(f)
+    f = click.option(
+        "--fsync", is_flag=True, help="Survive power loss too (SQLite synchronous=FULL); slower."
+    )(f)
+    f = click.option(
+        "--restore/--no-restore",
+        default=True,
+        show_default=True,
+        help="Take back the store's jobs and workers at start.",
+    )(f)
     return f
 
 
 def _log_option(f):  # noqa: ANN001, ANN202
-    return click.option("--log-level", default="info", show_default=True,
-                        type=click.Choice(["debug", "info", "warning", "error"]))(f)
+    return click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error"]),
+    )(f)
 
 
 def default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return os.path.join(base, "corral")
 
 
-def _make_broker(frontend: str, backend: str, admin: str, heartbeat: float, liveness: int,
-                 max_frame: int, notify: str, data_dir: str | None, store_url: str | None,
-                 fsync: bool, restore: bool):
+def _make_broker(
+    frontend: str,
+    backend: str,
+    admin: str,
+    heartbeat: float,
+    liveness: int,
+    max_frame: int,
+    notify: str,
+    data_dir: str | None,
+    store_url: str | None,
+    fsync: bool,
+    restore: bool,
+):
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
     from corral.store import StoreError, open_store
@@ -97,16 +150,20 @@ def _make_broker(frontend: str, backend: str, admin: str, heartbeat: float, live
         store = open_store(store_url, fsync=fsync)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
-    core = BrokerCore(BrokerConfig(heartbeat_interval=heartbeat, heartbeat_liveness=liveness,
-                                   max_frame=max_frame))
-    server = BrokerServer(core, frontend=frontend, backend=backend, admin=admin,
-                          notify=notify or None, store=store)
+    core = BrokerCore(
+        BrokerConfig(heartbeat_interval=heartbeat, heartbeat_liveness=liveness, max_frame=max_frame)
+    )
+    server = BrokerServer(
+        core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
+    )
     try:
         if restore:
             server.open_store()
         else:
-            raise click.ClickException("--no-restore is not supported with a store that "
-                                       "keeps state; use --store memory:// for a fresh broker")
+            raise click.ClickException(
+                "--no-restore is not supported with a store that "
+                "keeps state; use --store memory:// for a fresh broker"
+            )
         server.bind()
     except (StoreError, AddressInUse) as exc:
         server.close()
@@ -124,42 +181,102 @@ def main() -> None:
 @main.command()
 @_broker_options
 @_log_option
-def broker(frontend: str, backend: str, admin: str, heartbeat: float, liveness: int,
-           max_frame: int, notify: str, data_dir: str | None, store_url: str | None,
-           fsync: bool, restore: bool, log_level: str) -> None:
+def broker(
+    frontend: str,
+    backend: str,
+    admin: str,
+    heartbeat: float,
+    liveness: int,
+    max_frame: int,
+    notify: str,
+    data_dir: str | None,
+    store_url: str | None,
+    fsync: bool,
+    restore: bool,
+    log_level: str,
+) -> None:
     """Run a broker."""
     _setup_logging(log_level)
-    server = _make_broker(frontend, backend, admin, heartbeat, liveness, max_frame, notify,
-                          data_dir, store_url, fsync, restore)
+    server = _make_broker(
+        frontend,
+        backend,
+        admin,
+        heartbeat,
+        liveness,
+        max_frame,
+        notify,
+        data_dir,
+        store_url,
+        fsync,
+        restore,
+    )
     log.info("broker ready: frontend %s, backend %s, admin %s", frontend, backend, admin)
     asyncio.run(server.serve())
 
 
 def _worker_options(f):  # noqa: ANN001, ANN202
-    f = click.option("--queues", "-Q", default="default:10", show_default=True,
-                     help="Queues to serve as NAME:WEIGHT,... (higher weight first).")(f)
-    f = click.option("--concurrency", "-c", type=int, default=None,
-                     help="Processes in the pool [default: number of cores].")(f)
-    f = click.option("--import", "imports", multiple=True,
-                     help="Module with @corral.task functions to load (repeatable).")(f)
-    f = click.option("--allow", multiple=True,
-                     help="Module prefix whose callables may run, e.g. 'myapp.' (repeatable).")(f)
-    f = click.option("--max-jobs-per-child", type=int, default=None,
-                     help="Replace a pool process after this many jobs.")(f)
-    f = click.option("--grace", default=30.0, show_default=True,
-                     help="Seconds running jobs get to finish on SIGTERM.")(f)
+    f = click.option(
+        "--queues",
+        "-Q",
+        default="default:10",
+        show_default=True,
+        help="Queues to serve as NAME:WEIGHT,... (higher weight first).",
+    )(f)
+    f = click.option(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=None,
+        help="Processes in the pool [default: number of cores].",
+    )(f)
+    f = click.option(
+        "--import",
+        "imports",
+        multiple=True,
+        help="Module with @corral.task functions to load (repeatable).",
+    )(f)
+    f = click.option(
+        "--allow",
+        multiple=True,
+        help="Module prefix whose callables may run, e.g. 'myapp.' (repeatable).",
+    )(f)
+    f = click.option(
+        "--max-jobs-per-child",
+        type=int,
+        default=None,
+        help="Replace a pool process after this many jobs.",
+    )(f)
+    f = click.option(
+        "--grace",
+        default=30.0,
+        show_default=True,
+        help="Seconds running jobs get to finish on SIGTERM.",
+    )(f)
     return f
 
 
-def _make_worker(backend: str, queues: str, concurrency: int | None, imports: tuple[str, ...],
-                 allow: tuple[str, ...], max_jobs_per_child: int | None, grace: float,
-                 heartbeat: float, identity: str | None = None):
+def _make_worker(
+    backend: str,
+    queues: str,
+    concurrency: int | None,
+    imports: tuple[str, ...],
+    allow: tuple[str, ...],
+    max_jobs_per_child: int | None,
+    grace: float,
+    heartbeat: float,
+    identity: str | None = None,
+):
     from corral.worker.manager import WorkerConfig, WorkerManager
 
-    config = WorkerConfig(backend=backend, queues=parse_queues(queues),
-                          imports=tuple(imports), allow=tuple(allow),
-                          max_jobs_per_child=max_jobs_per_child, grace=grace,
-                          heartbeat_interval=heartbeat)
+    config = WorkerConfig(
+        backend=backend,
+        queues=parse_queues(queues),
+        imports=tuple(imports),
+        allow=tuple(allow),
+        max_jobs_per_child=max_jobs_per_child,
+        grace=grace,
+        heartbeat_interval=heartbeat,
+    )
     if concurrency:
         config.concurrency = concurrency
     if identity:
@@ -177,20 +294,31 @@ async def _run_worker(worker) -> None:  # noqa: ANN001
 
 
 @main.command()
-@click.option("--backend", default=DEFAULT_BACKEND, show_default=True,
-              help="The broker's backend endpoint.")
+@click.option(
+    "--backend", default=DEFAULT_BACKEND, show_default=True, help="The broker's backend endpoint."
+)
 @_worker_options
 @click.option("--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--uuid", "identity", default=None, help="Worker identity [default: a new uuid4].")
 @_log_option
-def worker(backend: str, queues: str, concurrency: int | None, imports: tuple[str, ...],
-           allow: tuple[str, ...], max_jobs_per_child: int | None, grace: float,
-           heartbeat: float, identity: str | None, log_level: str) -> None:
+def worker(
+    backend: str,
+    queues: str,
+    concurrency: int | None,
+    imports: tuple[str, ...],
+    allow: tuple[str, ...],
+    max_jobs_per_child: int | None,
+    grace: float,
+    heartbeat: float,
+    identity: str | None,
+    log_level: str,
+) -> None:
     """Run a worker that serves jobs from a broker."""
     _setup_logging(log_level)
     sys.path.insert(0, os.getcwd())
-    w = _make_worker(backend, queues, concurrency, imports, allow, max_jobs_per_child, grace,
-                     heartbeat, identity)
+    w = _make_worker(
+        backend, queues, concurrency, imports, allow, max_jobs_per_child, grace, heartbeat, identity
+    )
     asyncio.run(_run_worker(w))
 
 
@@ -198,18 +326,46 @@ def worker(backend: str, queues: str, concurrency: int | None, imports: tuple[st
 @_broker_options
 @_worker_options
 @_log_option
-def up(frontend: str, backend: str, admin: str, heartbeat: float, liveness: int, max_frame: int,
-       notify: str, data_dir: str | None, store_url: str | None, fsync: bool, restore: bool,
-       queues: str, concurrency: int | None, imports: tuple[str, ...], allow: tuple[str, ...],
-       max_jobs_per_child: int | None, grace: float, log_level: str) -> None:
+def up(
+    frontend: str,
+    backend: str,
+    admin: str,
+    heartbeat: float,
+    liveness: int,
+    max_frame: int,
+    notify: str,
+    data_dir: str | None,
+    store_url: str | None,
+    fsync: bool,
+    restore: bool,
+    queues: str,
+    concurrency: int | None,
+    imports: tuple[str, ...],
+    allow: tuple[str, ...],
+    max_jobs_per_child: int | None,
+    grace: float,
+    log_level: str,
+) -> None:
     """Run a broker and a worker together (the quickest way to start)."""
     _setup_logging(log_level)
     sys.path.insert(0, os.getcwd())
     imports = ("corral.examples", *imports)
-    server = _make_broker(frontend, backend, admin, heartbeat, liveness, max_frame, notify,
-                          data_dir, store_url, fsync, restore)
-    w = _make_worker(backend, queues, concurrency, imports, allow, max_jobs_per_child, grace,
-                     heartbeat)
+    server = _make_broker(
+        frontend,
+        backend,
+        admin,
+        heartbeat,
+        liveness,
+        max_frame,
+        notify,
+        data_dir,
+        store_url,
+        fsync,
+        restore,
+    )
+    w = _make_worker(
+        backend, queues, concurrency, imports, allow, max_jobs_per_child, grace, heartbeat
+    )
     click.echo(_banner(frontend, admin, server.store.url))
 
     async def both() -> None:
@@ -240,16 +396,30 @@ def _banner(frontend: str, admin: str, store: str) -> str:
 @main.command()
 @click.argument("target")
 @click.argument("args", nargs=-1)
-@click.option("--kw", "kwargs", multiple=True, metavar="NAME=JSON",
-              help="A keyword argument (repeatable).")
+@click.option(
+    "--kw", "kwargs", multiple=True, metavar="NAME=JSON", help="A keyword argument (repeatable)."
+)
 @click.option("--queue", "-q", default="default", show_default=True)
 @click.option("--timeout", type=float, default=None, help="Hard time limit in seconds.")
 @click.option("--retries", type=int, default=0, show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for the job and print its result.")
-@click.option("--broker", "address", default=None, envvar="CORRAL_BROKER",
-              help=f"Frontend endpoint [default: {DEFAULT_FRONTEND}, or $CORRAL_BROKER].")
-def submit(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], queue: str,
-           timeout: float | None, retries: int, wait: bool, address: str | None) -> None:
+@click.option(
+    "--broker",
+    "address",
+    default=None,
+    envvar="CORRAL_BROKER",
+    help=f"Frontend endpoint [default: {DEFAULT_FRONTEND}, or $CORRAL_BROKER].",
+)
+def submit(
+    target: str,
+    args: tuple[str, ...],
+    kwargs: tuple[str, ...],
+    queue: str,
+    timeout: float | None,
+    retries: int,
+    wait: bool,
+    address: str | None,
+) -> None:
     """Submit TARGET (module:function) with ARGS given as JSON values."""
     from corral.client import Client
     from corral.errors import CorralError, JobFailed
@@ -263,8 +433,9 @@ def submit(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], queue: s
         named[name] = _json_arg(value)
     with Client(address or DEFAULT_FRONTEND) as client:
         try:
-            job = client.submit_with(target, args=values, kwargs=named, queue=queue,
-                                     timeout=timeout, retries=retries)
+            job = client.submit_with(
+                target, args=values, kwargs=named, queue=queue, timeout=timeout, retries=retries
+            )
             if not wait:
                 job.wait_acknowledged() if hasattr(job, "wait_acknowledged") else None
                 click.echo(job.id)

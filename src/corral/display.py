@@ -8,11 +8,13 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_status(stats: dict[str, Any], workers: dict[str, Any],
-                 console: Console | None = None) -> None:
+def print_status(
+    stats: dict[str, Any], workers: dict[str, Any], console: Console | None = None
+) -> None:
     console = console or Console()
-    queues = sorted(set(stats.get("waiting_messages_by_queue", {}))
-                    | set(workers.get("connected_queues", {})))
+    queues = sorted(
+        set(stats.get("waiting_messages_by_queue", {})) | set(workers.get("connected_queues", {}))
+    )
     table = Table(title="queues", title_justify="left")
     for column in ("queue", "waiting", "running", "done", "workers", "last ms", "max ms"):
         table.add_column(column, justify="left" if column == "queue" else "right")
@@ -40,10 +42,12 @@ def print_status(stats: dict[str, Any], workers: dict[str, Any],
         )
     console.print(wtable)
     bad = stats.get("malformed_messages") or {}
-    line = (f"jobs in flight {stats.get('jobs_in_flight', 0)}, "
-            f"accepted {stats.get('jobs_accepted', 0)}, "
-            f"completed {stats.get('jobs_completed', 0)}, "
-            f"workers lost {stats.get('workers_lost', 0)}")
+    line = (
+        f"jobs in flight {stats.get('jobs_in_flight', 0)}, "
+        f"accepted {stats.get('jobs_accepted', 0)}, "
+        f"completed {stats.get('jobs_completed', 0)}, "
+        f"workers lost {stats.get('workers_lost', 0)}"
+    )
     if bad:
         line += ", malformed messages " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
     console.print(line)

@@ -1,6 +1,6 @@
 """Small tasks that `corral up` allows out of the box, so a first job just works.
 
-    corral submit corral.examples:add 2 3 --wait
+corral submit corral.examples:add 2 3 --wait
 """
 
 from __future__ import annotations

@@ -324,3 +324,22 @@ class TestBadInput:
         out = h.sent()
         assert [m.command.value for _, _, m in out] == ["REPLY", "ERROR"]
         assert len(h.core.jobs) == 1
+
+
+def test_eventmq_worker_is_always_asked_for_the_outcome(h):
+    h.inform(b"emq")  # no corral meta: an EventMQ job manager
+    h.inform(b"corral", meta={"running": []})
+    h.ready(b"emq")
+    h.submit(headers="guarantee")
+    (sent,) = [m for d, i, m in h.sent() if d is Dest.BACKEND and m.command.value == "REQUEST"]
+    assert sent.headers.reply_requested and sent.headers.guarantee
+    h.ready(b"corral")
+    h.ready(b"corral")
+    h.submit(headers="")
+    (sent,) = [m for d, i, m in h.sent() if d is Dest.BACKEND and m.command.value == "REQUEST"]
+    assert not sent.headers.reply_requested
+
+
+def test_hello_from_emq_cli_is_not_answered(h):
+    h.core.on_admin(b"cli", [b"", PROTOCOL, b"HELLO", b"admin:1"], h.now)
+    assert h.sent() == []

@@ -15,6 +15,7 @@ from corral.protocol import (
     Disconnect,
     Error,
     Heartbeat,
+    Hello,
     Inform,
     Kbye,
     ProtocolError,
@@ -63,6 +64,7 @@ ALL_MESSAGES = [
     ShowSchedulers("n"),
     Error("o", "bad-json", "detail", "ref"),
     Query("p", "job", {"id": "abc"}),
+    Hello("q"),
 ]
 
 

@@ -161,8 +161,18 @@ def test_string_targets(name: str, expected: tuple[str, str]) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["fn", "", ":fn", "pkg.mod:", "pkg..mod:fn", "pkg.mod:a.b.c", "pkg-mod:fn", "pkg.mod:1x",
-     "pkg.mod.", "a:b:c"],
+    [
+        "fn",
+        "",
+        ":fn",
+        "pkg.mod:",
+        "pkg..mod:fn",
+        "pkg.mod:a.b.c",
+        "pkg-mod:fn",
+        "pkg.mod:1x",
+        "pkg.mod.",
+        "a:b:c",
+    ],
 )
 def test_malformed_strings_raise_value_error(name: str) -> None:
     with pytest.raises(ValueError):

@@ -29,6 +29,7 @@ from corral.protocol import (
     Disconnect,
     Error,
     Heartbeat,
+    Hello,
     Inform,
     Kbye,
     Message,
@@ -226,6 +227,8 @@ class BrokerCore:
             self._send_json(Dest.ADMIN, identity, self.status(now))
         elif isinstance(msg, ShowWorkers):
             self._send_json(Dest.ADMIN, identity, self.show_workers(now))
+        elif isinstance(msg, Hello):
+            pass
         elif isinstance(msg, ShowSchedulers):
             self._send_json(Dest.ADMIN, identity, self.show_schedulers(now))
         elif isinstance(msg, Disconnect):
@@ -340,8 +343,13 @@ class BrokerCore:
         job.started_at = now + self.wall_offset
         worker.running[job.id] = job
         self.dirty[job.id] = job
+        frames = job.frames
+        if not worker.corral and not job.headers.reply_requested:
+            # Without it an EventMQ job manager never says how the job ended.
+            headers = b"reply-requested," + frames[1] if frames[1] else b"reply-requested"
+            frames = [frames[0], headers, frames[2]]
         self.outbox.append(
-            (Dest.BACKEND, worker.identity, [b"", PROTOCOL, _REQUEST, job.id.encode(), *job.frames])
+            (Dest.BACKEND, worker.identity, [b"", PROTOCOL, _REQUEST, job.id.encode(), *frames])
         )
 
     def _on_ready(self, worker: Worker, now: float) -> None:
@@ -465,7 +473,13 @@ class BrokerCore:
             # slots start over; jobs it no longer holds are lost.
             held = set((msg.meta or {}).get("running", ()))
             self._remove_worker(old, now, reason="re-informed", keep=held)
-        worker = Worker(identity, queues, now, id=self._worker_id(peer_name(identity)))
+        worker = Worker(
+            identity,
+            queues,
+            now,
+            id=self._worker_id(peer_name(identity)),
+            corral=msg.meta is not None,
+        )
         if old is not None:
             worker.running = {jid: job for jid, job in old.running.items()}
             for job in worker.running.values():

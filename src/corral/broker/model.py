@@ -65,6 +65,9 @@ class Worker:
     #: The integer id the broker gave this uuid; never reused.
     id: int = 0
     slots: int = 0
+    #: A corral worker (it sent corral's INFORM meta); EventMQ job managers
+    #: reply only when asked to, so the broker always asks them.
+    corral: bool = False
     running: dict[str, Job] = field(default_factory=dict)
     processed: int = 0
 

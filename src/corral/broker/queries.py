@@ -61,9 +61,14 @@ def job_view(rec: JobRecord, *, with_result: bool = True) -> dict[str, Any]:
 class QueryHandler:
     """Runs QUERY ops against the core and the store; answers go to the frontend."""
 
-    def __init__(self, core: BrokerCore, store: Store, run_in_thread: Callable[..., Any],
-                 send: Callable[[list[tuple[Dest, bytes, list[bytes]]]], None],
-                 now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        core: BrokerCore,
+        store: Store,
+        run_in_thread: Callable[..., Any],
+        send: Callable[[list[tuple[Dest, bytes, list[bytes]]]], None],
+        now: Callable[[], float],
+    ) -> None:
         self.core = core
         self.store = store
         self.run_in_thread = run_in_thread
@@ -83,7 +88,9 @@ class QueryHandler:
         except QueryError as exc:
             self._answer_error(identity, query, exc.type, str(exc))
         except TypeError as exc:
-            self._answer_error(identity, query, "BadRequest", f"bad arguments for {query.op}: {exc}")
+            self._answer_error(
+                identity, query, "BadRequest", f"bad arguments for {query.op}: {exc}"
+            )
         except Exception as exc:  # noqa: BLE001 - a failed query must still be answered
             log.exception("query %s failed", query.op)
             self._answer_error(identity, query, "InternalError", str(exc))
@@ -91,9 +98,15 @@ class QueryHandler:
             self._answer(identity, query, msgspec.json.encode({"value": value}))
 
     def _answer(self, identity: bytes, query: Query, outcome: bytes) -> None:
-        self.send([(Dest.FRONTEND, identity,
-                    [b"", PROTOCOL, b"REPLY", new_msgid().encode(), outcome,
-                     query.msgid.encode()])])
+        self.send(
+            [
+                (
+                    Dest.FRONTEND,
+                    identity,
+                    [b"", PROTOCOL, b"REPLY", new_msgid().encode(), outcome, query.msgid.encode()],
+                )
+            ]
+        )
 
     def _answer_error(self, identity: bytes, query: Query, type_: str, message: str) -> None:
         self._answer(identity, query, encode_outcome_error(type_, message))
@@ -112,15 +125,28 @@ class QueryHandler:
             raise QueryError("NotFound", f"no job {id!r} (never submitted, or purged)")
         return job_view(rec, with_result=with_result)
 
-    async def op_jobs(self, state: str | list[str] | None = None, queue: str | None = None,
-                      worker_id: int | None = None, label: str | None = None,
-                      since: float | None = None, until: float | None = None,
-                      limit: int = 100) -> list[dict[str, Any]]:
+    async def op_jobs(
+        self,
+        state: str | list[str] | None = None,
+        queue: str | None = None,
+        worker_id: int | None = None,
+        label: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
         states = [state] if isinstance(state, str) else list(state or [])
         if not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
             raise QueryError("BadRequest", f"limit must be 1..{MAX_LIMIT}")
-        query = JobQuery(states=states, queue=queue, worker_id=worker_id, label=label,
-                         since=since, until=until, limit=limit)
+        query = JobQuery(
+            states=states,
+            queue=queue,
+            worker_id=worker_id,
+            label=label,
+            since=since,
+            until=until,
+            limit=limit,
+        )
         found = await self.run_in_thread(self.store.query_jobs, query)
         # The store lags the core by at most one commit: show in-flight jobs as they are now.
         views = []
@@ -136,9 +162,10 @@ class QueryHandler:
         if rec is None:
             raise QueryError("NotFound", f"no job {id!r}")
         if not self.core.retry(rec, self.now()):
-            raise QueryError("NotRetryable",
-                             f"job {id} is {rec.state}; only dead, failed or cancelled jobs "
-                             f"can be retried")
+            raise QueryError(
+                "NotRetryable",
+                f"job {id} is {rec.state}; only dead, failed or cancelled jobs can be retried",
+            )
         return {"id": rec.id, "state": self.core.jobs[rec.id].state.value}
 
     async def op_workers(self) -> dict[str, Any]:

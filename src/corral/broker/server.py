@@ -67,8 +67,7 @@ class BrokerServer:
         self.commits = 0
         self.commit_failures = 0
         self._readers: ThreadPoolExecutor | None = None
-        self.queries = QueryHandler(core, self.store, self._in_thread, self._answer,
-                                    time.monotonic)
+        self.queries = QueryHandler(core, self.store, self._in_thread, self._answer, time.monotonic)
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0

@@ -14,6 +14,16 @@ from corral.client.target import body_for, encode_call
 from corral.errors import ClientClosed, JobFailed, NotAcknowledged, Rejected
 
 __all__ = [
-    "AsyncClient", "AsyncJob", "Client", "ClientClosed", "Executor", "Job", "JobFailed",
-    "NotAcknowledged", "Rejected", "body_for", "default_client", "encode_call",
+    "AsyncClient",
+    "AsyncJob",
+    "Client",
+    "ClientClosed",
+    "Executor",
+    "Job",
+    "JobFailed",
+    "NotAcknowledged",
+    "Rejected",
+    "body_for",
+    "default_client",
+    "encode_call",
 ]

@@ -41,8 +41,14 @@ class AsyncClient:
     ``await client.close()``.
     """
 
-    def __init__(self, address: str | None = None, *, identity: str | None = None,
-                 ack_timeout: float = 10.0, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        identity: str | None = None,
+        ack_timeout: float = 10.0,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0 seconds, not {ack_timeout!r}")
         self.address = broker_address(address)
@@ -66,9 +72,18 @@ class AsyncClient:
 
     # ------------------------------------------------------------ submitting
 
-    async def submit(self, fn: Any, /, *args: Any, queue: str | None = None,
-                     timeout: float | None = None, retries: int = 0, guarantee: bool = False,
-                     label: str | None = None, **kwargs: Any) -> AsyncJob:
+    async def submit(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        queue: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncJob:
         """Send ``fn(*args, **kwargs)`` and return its :class:`AsyncJob` (await it for the value).
 
         Options as in :meth:`corral.Client.submit`: ``queue`` (default: the
@@ -77,14 +92,30 @@ class AsyncClient:
         (default none). Raises :class:`TypeError`/:class:`ValueError` before
         sending for an unusable target, arguments or option.
         """
-        return await self.submit_with(fn, args, kwargs, queue=queue, timeout=timeout,
-                                      retries=retries, guarantee=guarantee, label=label)
+        return await self.submit_with(
+            fn,
+            args,
+            kwargs,
+            queue=queue,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
 
-    async def submit_with(self, fn: Any, args: Iterable[Any] = (),
-                          kwargs: Mapping[str, Any] | None = None, *,
-                          queue: str | None = None, timeout: float | None = None,
-                          retries: int = 0, guarantee: bool = False, label: str | None = None,
-                          headers: Sequence[str] = ()) -> AsyncJob:
+    async def submit_with(
+        self,
+        fn: Any,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        headers: Sequence[str] = (),
+    ) -> AsyncJob:
         """Like :meth:`submit` with ``args`` (default none) and ``kwargs`` (default none) as values.
 
         ``headers`` (default none) adds raw header tokens.
@@ -92,8 +123,9 @@ class AsyncClient:
         if self._closing:
             raise ClientClosed("the client is closed")
         queue = queue_for(fn, queue)
-        hdrs = make_headers(timeout=timeout, retries=retries, guarantee=guarantee, label=label,
-                            extra=headers)
+        hdrs = make_headers(
+            timeout=timeout, retries=retries, guarantee=guarantee, label=label, extra=headers
+        )
         request = make_request(fn, args, kwargs, queue, hdrs)
         loop = asyncio.get_running_loop()
         self._start(loop)
@@ -112,9 +144,17 @@ class AsyncClient:
             raise
         return job
 
-    def map(self, fn: Any, /, *iterables: Iterable[Any] | AsyncIterable[Any], window: int = 64,
-            queue: str | None = None, timeout: float | None = None,
-            result_timeout: float | None = None, **options: Any) -> AsyncIterator[Any]:
+    def map(
+        self,
+        fn: Any,
+        /,
+        *iterables: Iterable[Any] | AsyncIterable[Any],
+        window: int = 64,
+        queue: str | None = None,
+        timeout: float | None = None,
+        result_timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Any]:
         """``async for`` over ``fn`` applied to the zipped items of ``iterables``, in order.
 
         A single async iterable is accepted too. At most ``window`` (default
@@ -127,12 +167,18 @@ class AsyncClient:
             raise ValueError(f"window must be >= 1, not {window!r}")
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return self._map(fn, iterables, window, result_timeout,
-                         dict(options, queue=queue, timeout=timeout))
+        return self._map(
+            fn, iterables, window, result_timeout, dict(options, queue=queue, timeout=timeout)
+        )
 
-    async def _map(self, fn: Any, iterables: tuple[Any, ...], window: int,
-                   result_timeout: float | None,
-                   options: dict[str, Any]) -> AsyncIterator[Any]:
+    async def _map(
+        self,
+        fn: Any,
+        iterables: tuple[Any, ...],
+        window: int,
+        result_timeout: float | None,
+        options: dict[str, Any],
+    ) -> AsyncIterator[Any]:
         in_flight: deque[AsyncJob] = deque()
         try:
             async for args in _calls(iterables):
@@ -172,8 +218,9 @@ class AsyncClient:
             self._ack_timer.cancel()
             self._ack_timer = None
         for job in self._pending.values():
-            _settle_error(job, ClientClosed("the client was closed before the job's outcome "
-                                            "arrived"))
+            _settle_error(
+                job, ClientClosed("the client was closed before the job's outcome arrived")
+            )
         self._pending.clear()
         self._unacked.clear()
         self._sock.close()
@@ -236,8 +283,9 @@ class AsyncClient:
                     job._future.set_result(outcome.value)
             else:
                 err = outcome.error
-                _settle_error(job, JobFailed.from_error(err.type, err.message, err.traceback,
-                                                        job.id))
+                _settle_error(
+                    job, JobFailed.from_error(err.type, err.message, err.traceback, job.id)
+                )
             self._check_all_acked()
         elif type(msg) is Error:
             job = self._pending.pop(msg.ref, None)
@@ -297,4 +345,3 @@ async def _calls(iterables: tuple[Any, ...]) -> AsyncIterator[tuple[Any, ...]]:
 def _settle_error(job: AsyncJob, exc: BaseException) -> None:
     if not job._future.done():
         job._future.set_exception(exc)
-

@@ -27,14 +27,24 @@ class Executor(futures.Executor):
     local backlog and can still be cancelled there.
     """
 
-    def __init__(self, address: str | None = None, *, queue: str = "default",
-                 max_in_flight: int | None = None, timeout: float | None = None,
-                 retries: int = 0, guarantee: bool = False, label: str | None = None,
-                 ack_timeout: float = 10.0, client: Client | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        queue: str = "default",
+        max_in_flight: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        ack_timeout: float = 10.0,
+        client: Client | None = None,
+    ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 or None, not {max_in_flight!r}")
-        self._headers = make_headers(timeout=timeout, retries=retries, guarantee=guarantee,
-                                     label=label)
+        self._headers = make_headers(
+            timeout=timeout, retries=retries, guarantee=guarantee, label=label
+        )
         self._queue = queue
         self._own_client = client is None
         self._client = client if client is not None else Client(address, ack_timeout=ack_timeout)
@@ -75,8 +85,13 @@ class Executor(futures.Executor):
             self._client._enqueue(job)
         return job
 
-    def map(self, fn: Callable[..., Any], *iterables: Any, timeout: float | None = None,
-            chunksize: int = 1) -> Any:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Any,
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Any:
         """Like ``concurrent.futures.Executor.map``: results in order; ``timeout``
         (default ``None``) bounds the whole iteration; ``chunksize`` is ignored."""
         return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)

@@ -30,8 +30,14 @@ def queue_for(target: Any, queue: str | None) -> str:
     return DEFAULT_QUEUE
 
 
-def make_headers(*, timeout: float | None = None, retries: int = 0, guarantee: bool = False,
-                 label: str | None = None, extra: Sequence[str] = ()) -> Headers:
+def make_headers(
+    *,
+    timeout: float | None = None,
+    retries: int = 0,
+    guarantee: bool = False,
+    label: str | None = None,
+    extra: Sequence[str] = (),
+) -> Headers:
     """Headers for a REQUEST whose outcome comes back to the submitter.
 
     ``timeout`` seconds (default ``None``: no limit) becomes ``timeout:N``;
@@ -50,12 +56,18 @@ def make_headers(*, timeout: float | None = None, retries: int = 0, guarantee: b
     if label is not None:
         tokens.append(f"label:{_token(label, 'label')}")
     tokens.extend(_token(t, "header") for t in extra)
-    return Headers(reply_requested=True, guarantee=bool(guarantee), retry_count=retries,
-                   timeout=timeout or 0.0, extra=tuple(tokens))
+    return Headers(
+        reply_requested=True,
+        guarantee=bool(guarantee),
+        retry_count=retries,
+        timeout=timeout or 0.0,
+        extra=tuple(tokens),
+    )
 
 
-def make_request(target: Any, args: Iterable[Any], kwargs: Mapping[str, Any] | None,
-                 queue: str, headers: Headers) -> Request:
+def make_request(
+    target: Any, args: Iterable[Any], kwargs: Mapping[str, Any] | None, queue: str, headers: Headers
+) -> Request:
     """A REQUEST with a fresh MSGID (which is also the job's id)."""
     if not isinstance(queue, str) or not (0 < len(queue) <= 256) or not queue.isprintable():
         raise ValueError(f"queue must be 1-256 printable characters, not {queue!r}")
@@ -65,6 +77,5 @@ def make_request(target: Any, args: Iterable[Any], kwargs: Mapping[str, Any] | N
 
 def _token(value: str, what: str) -> str:
     if not isinstance(value, str) or not value or "," in value or not value.isprintable():
-        raise ValueError(f"{what} must be non-empty printable text without commas, "
-                         f"not {value!r}")
+        raise ValueError(f"{what} must be non-empty printable text without commas, not {value!r}")
     return value

@@ -78,8 +78,14 @@ class Client:
     manager, or call :meth:`close`.
     """
 
-    def __init__(self, address: str | None = None, *, identity: str | None = None,
-                 ack_timeout: float = 10.0, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        identity: str | None = None,
+        ack_timeout: float = 10.0,
+        context: zmq.Context | None = None,
+    ) -> None:
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0 seconds, not {ack_timeout!r}")
         self.address = broker_address(address)
@@ -107,16 +113,26 @@ class Client:
             raise
         # The socket is created here, so a bad address raises in the caller; thread
         # start is the memory barrier that hands it over to the I/O thread.
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"corral-client-{self.identity[:8]}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"corral-client-{self.identity[:8]}"
+        )
         self._thread.start()
         _live_clients.add(self)
 
     # ------------------------------------------------------------ submitting
 
-    def submit(self, fn: Any, /, *args: Any, queue: str | None = None,
-               timeout: float | None = None, retries: int = 0, guarantee: bool = False,
-               label: str | None = None, **kwargs: Any) -> Job:
+    def submit(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        queue: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> Job:
         """Submit ``fn(*args, **kwargs)`` and return its :class:`Job` at once.
 
         ``fn`` is a task, an importable function or a ``"pkg.mod:fn"`` string
@@ -131,13 +147,30 @@ class Client:
         Raises :class:`TypeError` (target not importable, arguments not
         JSON-serializable) or :class:`ValueError` (bad option) before sending.
         """
-        return self.submit_with(fn, args, kwargs, queue=queue, timeout=timeout,
-                                retries=retries, guarantee=guarantee, label=label)
+        return self.submit_with(
+            fn,
+            args,
+            kwargs,
+            queue=queue,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
 
-    def submit_with(self, fn: Any, args: Iterable[Any] = (),
-                    kwargs: Mapping[str, Any] | None = None, *, queue: str | None = None,
-                    timeout: float | None = None, retries: int = 0, guarantee: bool = False,
-                    label: str | None = None, headers: Sequence[str] = ()) -> Job:
+    def submit_with(
+        self,
+        fn: Any,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        headers: Sequence[str] = (),
+    ) -> Job:
         """Like :meth:`submit` with the call's ``args`` and ``kwargs`` passed as values.
 
         ``args`` defaults to none and ``kwargs`` to none; no keyword collides
@@ -145,17 +178,26 @@ class Client:
         """
         self._check_usable()
         queue = queue_for(fn, queue)
-        hdrs = make_headers(timeout=timeout, retries=retries, guarantee=guarantee, label=label,
-                            extra=headers)
+        hdrs = make_headers(
+            timeout=timeout, retries=retries, guarantee=guarantee, label=label, extra=headers
+        )
         request = make_request(fn, args, kwargs, queue, hdrs)
         job = Job(request.msgid, queue)
         job._frames = request.to_frames()
         self._enqueue(job)
         return job
 
-    def map(self, fn: Any, /, *iterables: Iterable[Any], window: int = 64,
-            queue: str | None = None, timeout: float | None = None,
-            result_timeout: float | None = None, **options: Any) -> Iterator[Any]:
+    def map(
+        self,
+        fn: Any,
+        /,
+        *iterables: Iterable[Any],
+        window: int = 64,
+        queue: str | None = None,
+        timeout: float | None = None,
+        result_timeout: float | None = None,
+        **options: Any,
+    ) -> Iterator[Any]:
         """Run ``fn`` over the zipped items of ``iterables`` (like ``map``); yield results in order.
 
         At most ``window`` (default 64) jobs are in flight at any time. The
@@ -169,11 +211,22 @@ class Client:
             raise ValueError(f"window must be >= 1, not {window!r}")
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return self._map(fn, zip(*iterables, strict=False), window, result_timeout,
-                         dict(options, queue=queue, timeout=timeout))
+        return self._map(
+            fn,
+            zip(*iterables, strict=False),
+            window,
+            result_timeout,
+            dict(options, queue=queue, timeout=timeout),
+        )
 
-    def _map(self, fn: Any, calls: Iterator[tuple[Any, ...]], window: int,
-             result_timeout: float | None, options: dict[str, Any]) -> Iterator[Any]:
+    def _map(
+        self,
+        fn: Any,
+        calls: Iterator[tuple[Any, ...]],
+        window: int,
+        result_timeout: float | None,
+        options: dict[str, Any],
+    ) -> Iterator[Any]:
         in_flight: deque[Job] = deque()
         try:
             for args in calls:
@@ -229,8 +282,10 @@ class Client:
 
     def _check_usable(self) -> None:
         if self._generation != _fork_generation:
-            raise ClientClosed("this client was created before fork(); create a new one "
-                               "in the child (corral.client.default_client() does)")
+            raise ClientClosed(
+                "this client was created before fork(); create a new one "
+                "in the child (corral.client.default_client() does)"
+            )
         if self._closing:
             raise ClientClosed("the client is closed")
 
@@ -275,8 +330,9 @@ class Client:
             self._stopped = True
             self._fail_outbox()
             for job in io.pending.values():
-                _settle_error(job, ClientClosed("the client was closed before the job's "
-                                                "outcome arrived"))
+                _settle_error(
+                    job, ClientClosed("the client was closed before the job's outcome arrived")
+                )
             io.pending.clear()
             self._sock.close()
             self._wake_r.close()
@@ -401,8 +457,9 @@ class _IOLoop:
                 _settle_value(job, outcome.value)
             else:
                 err = outcome.error
-                _settle_error(job, JobFailed.from_error(err.type, err.message, err.traceback,
-                                                        job.id))
+                _settle_error(
+                    job, JobFailed.from_error(err.type, err.message, err.traceback, job.id)
+                )
         elif type(msg) is Error:
             job = self.pending.pop(msg.ref, None)
             if job is None:

@@ -20,9 +20,14 @@ from corral.protocol import RunParams, encode_body
 Target = Callable[..., Any] | str
 
 
-def body_for(target: Any, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
-             *, class_args: Iterable[Any] = (),
-             class_kwargs: Mapping[str, Any] | None = None) -> RunParams:
+def body_for(
+    target: Any,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    class_args: Iterable[Any] = (),
+    class_kwargs: Mapping[str, Any] | None = None,
+) -> RunParams:
     """The :class:`RunParams` for calling ``target(*args, **kwargs)`` on a worker.
 
     ``target`` is one of:
@@ -52,8 +57,9 @@ def body_for(target: Any, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | 
     )
 
 
-def encode_call(target: Any, args: Iterable[Any] = (),
-                kwargs: Mapping[str, Any] | None = None) -> bytes:
+def encode_call(
+    target: Any, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> bytes:
     """The REQUEST body (JSON bytes) for ``target(*args, **kwargs)``.
 
     Raises :class:`TypeError` when an argument cannot be encoded as JSON, so a
@@ -86,26 +92,32 @@ def _resolve(target: Any) -> tuple[str, str]:
                 f"{target!r} is bound to an instance, which cannot be sent to a worker; "
                 "submit the method through its class and pass constructor arguments instead"
             )
-        return _from_qualname(target.__func__, owner.__module__,
-                              f"{owner.__qualname__}.{target.__name__}")
+        return _from_qualname(
+            target.__func__, owner.__module__, f"{owner.__qualname__}.{target.__name__}"
+        )
     if inspect.isfunction(target) or inspect.isbuiltin(target):
         return _from_qualname(target, target.__module__, target.__qualname__)
     raise TypeError(
-        f"cannot submit {target!r}: give a task, a module-level function or a "
-        "'pkg.mod:fn' string"
+        f"cannot submit {target!r}: give a task, a module-level function or a 'pkg.mod:fn' string"
     )
 
 
 def _from_qualname(fn: Any, module: str | None, qualname: str) -> tuple[str, str]:
     if "<lambda>" in qualname:
-        raise TypeError(f"cannot submit a lambda ({fn!r}): workers import targets by name; "
-                        "define it at module level")
+        raise TypeError(
+            f"cannot submit a lambda ({fn!r}): workers import targets by name; "
+            "define it at module level"
+        )
     if "<locals>" in qualname:
-        raise TypeError(f"cannot submit {qualname!r}: it is defined inside a function, so "
-                        "workers cannot import it; define it at module level")
+        raise TypeError(
+            f"cannot submit {qualname!r}: it is defined inside a function, so "
+            "workers cannot import it; define it at module level"
+        )
     if not module or module == "__main__":
-        raise TypeError(f"cannot submit {qualname!r} from {module or 'an unknown module'!r}: "
-                        "workers cannot import it; move it into an importable module")
+        raise TypeError(
+            f"cannot submit {qualname!r} from {module or 'an unknown module'!r}: "
+            "workers cannot import it; move it into an importable module"
+        )
     try:
         return _split(module, qualname, f"{module}:{qualname}")
     except ValueError as exc:
@@ -131,8 +143,10 @@ def _split(module: str, qualname: str, shown: str) -> tuple[str, str]:
     if len(parts) == 2:
         return f"{module}:{parts[0]}", parts[1]
     # eMQP's path names one class at most: "pkg.mod:Class".
-    raise ValueError(f"target {shown!r} is nested too deeply: use a module-level function "
-                     "or a method of a module-level class")
+    raise ValueError(
+        f"target {shown!r} is nested too deeply: use a module-level function "
+        "or a method of a module-level class"
+    )
 
 
 def _dotted(module: str) -> bool:

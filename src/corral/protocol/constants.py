@@ -30,6 +30,9 @@ class Command(StrEnum):
     STATUS = "STATUS"
     ROUTER_SHOW_WORKERS = "ROUTER_SHOW_WORKERS"
     ROUTER_SHOW_SCHEDULERS = "ROUTER_SHOW_SCHEDULERS"
+    #: sent by ``emq-cli`` when it connects; never answered (it would take the
+    #: answer for the reply to its next command).
+    HELLO = "HELLO"
     # corral extensions.
     #: the broker tells a sender why its message was refused.
     ERROR = "ERROR"

@@ -236,6 +236,10 @@ class Status(Message):
     command = Command.STATUS
 
 
+class Hello(Message):
+    command = Command.HELLO
+
+
 class ShowWorkers(Message):
     command = Command.ROUTER_SHOW_WORKERS
 
@@ -475,6 +479,7 @@ _PARSERS = {
     Command.UNSCHEDULE: _p_schedule,
     Command.PUBLISH: _p_publish,
     Command.STATUS: _p_bare(Status),
+    Command.HELLO: _p_bare(Hello),
     Command.ROUTER_SHOW_WORKERS: _p_bare(ShowWorkers),
     Command.ROUTER_SHOW_SCHEDULERS: _p_bare(ShowSchedulers),
     Command.ERROR: _p_error,

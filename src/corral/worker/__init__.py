@@ -1,1 +1,1 @@
-"""The worker: talks to a broker (:mod:`.manager`) and runs jobs in a process pool (:mod:`.pool`)."""
+"""The worker: talks to a broker (:mod:`.manager`), runs jobs in processes (:mod:`.pool`)."""

@@ -71,8 +71,12 @@ class WorkerManager:
     def __init__(self, config: WorkerConfig, *, context: zmq.Context | None = None) -> None:
         self.config = config
         self.context = context or zmq.Context.instance()
-        self.pool = Pool(config.concurrency, imports=config.imports, allow=config.allow,
-                         max_jobs_per_child=config.max_jobs_per_child)
+        self.pool = Pool(
+            config.concurrency,
+            imports=config.imports,
+            allow=config.allow,
+            max_jobs_per_child=config.max_jobs_per_child,
+        )
         self.running: dict[str, asyncio.Future[bytes]] = {}
         self.processed = 0
         self._recent: OrderedDict[str, bytes] = OrderedDict()
@@ -110,9 +114,13 @@ class WorkerManager:
         self._last_heard = time.monotonic()
         self._send_inform()
         ticker = asyncio.ensure_future(self._ticker())
-        log.info("worker %s: %d process(es), queues %s, broker %s", self.identity,
-                 self.config.concurrency,
-                 ",".join(f"{n}:{w}" for w, n in self.config.queues), self.config.backend)
+        log.info(
+            "worker %s: %d process(es), queues %s, broker %s",
+            self.identity,
+            self.config.concurrency,
+            ",".join(f"{n}:{w}" for w, n in self.config.queues),
+            self.config.backend,
+        )
         try:
             await self._stopped.wait()
         finally:
@@ -127,8 +135,11 @@ class WorkerManager:
 
     async def _drain(self) -> None:
         if self.running:
-            log.info("draining: waiting up to %.0f s for %d running job(s)",
-                     self.config.grace, len(self.running))
+            log.info(
+                "draining: waiting up to %.0f s for %d running job(s)",
+                self.config.grace,
+                len(self.running),
+            )
             await asyncio.wait(list(self.running.values()), timeout=self.config.grace)
         abandoned = list(self.running)
         if abandoned:
@@ -147,8 +158,9 @@ class WorkerManager:
         cmd, *rest = frames
         assert self._sock is not None
         try:
-            self._sock.send_multipart([b"", PROTOCOL, cmd, new_msgid().encode(), *rest],
-                                      zmq.NOBLOCK)
+            self._sock.send_multipart(
+                [b"", PROTOCOL, cmd, new_msgid().encode(), *rest], zmq.NOBLOCK
+            )
         except zmq.Again:
             log.warning("send queue to the broker is full; %s dropped", cmd.decode())
         self._last_sent = time.monotonic()
@@ -159,9 +171,16 @@ class WorkerManager:
         self._informed = False
         self._inform_id = new_msgid()
         self._inform_sent = time.monotonic()
-        msg = Inform(self._inform_id, self.config.queues, "worker",
-                     {"running": list(self.running), "concurrency": self.config.concurrency,
-                      "pid": os.getpid()})
+        msg = Inform(
+            self._inform_id,
+            self.config.queues,
+            "worker",
+            {
+                "running": list(self.running),
+                "concurrency": self.config.concurrency,
+                "pid": os.getpid(),
+            },
+        )
         assert self._sock is not None
         self._sock.send_multipart(msg.to_frames(), zmq.NOBLOCK)
 
@@ -228,8 +247,9 @@ class WorkerManager:
         if future.cancelled():
             return
         exc = future.exception()
-        outcome = future.result() if exc is None else encode_outcome_error(
-            type(exc).__name__, str(exc))
+        outcome = (
+            future.result() if exc is None else encode_outcome_error(type(exc).__name__, str(exc))
+        )
         self.processed += 1
         self._reply(job_id, outcome)
         if self._informed and not self._draining:
