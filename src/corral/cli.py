@@ -46,78 +46,130 @@ def parse_queues(text: str) -> tuple[tuple[int, str], ...]:
     return tuple(queues)
 
 
-def _broker_options(f):  # noqa: ANN001, ANN202 - click decorator stack
-    f = click.option(
-        "--admin",
-        default=DEFAULT_ADMIN,
-        show_default=True,
-        help="Admin ROUTER endpoint (STATUS, workers).",
-    )(f)
-    f = click.option(
-        "--backend",
-        default=DEFAULT_BACKEND,
-        show_default=True,
-        help="Backend ROUTER endpoint (workers connect here).",
-    )(f)
-    f = click.option(
+_BROKER_OPTIONS = [
+    click.option(
         "--frontend",
         default=DEFAULT_FRONTEND,
         show_default=True,
         help="Frontend ROUTER endpoint (clients connect here).",
-    )(f)
-    f = click.option(
-        "--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats."
-    )(f)
-    f = click.option(
-        "--liveness",
-        default=3,
+    ),
+    click.option(
+        "--backend",
+        default=DEFAULT_BACKEND,
         show_default=True,
-        help="Missed heartbeat intervals before a peer is dead.",
-    )(f)
-    f = click.option(
-        "--max-frame",
-        default=8 * 1024 * 1024,
+        help="Backend ROUTER endpoint (workers connect here).",
+    ),
+    click.option(
+        "--admin",
+        default=DEFAULT_ADMIN,
         show_default=True,
-        help="Largest frame accepted, in bytes.",
-    )(f)
-    f = click.option(
+        help="Admin ROUTER endpoint (STATUS, workers).",
+    ),
+    click.option(
         "--notify",
         default=DEFAULT_NOTIFY,
         show_default=True,
         help="PUB endpoint for worker registered/unregistered notices ('' = none).",
-    )(f)
-    f = click.option(
-        "--data-dir",
-        default=None,
-        envvar="CORRAL_DATA",
-        help="Where the default store lives [default: $CORRAL_DATA, else ~/.local/share/corral].",
-    )(f)
-    f = click.option(
+    ),
+    click.option("--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats."),
+    click.option(
+        "--liveness",
+        default=3,
+        show_default=True,
+        help="Missed heartbeat intervals before a peer is dead.",
+    ),
+    click.option(
+        "--max-frame",
+        default=8 * 1024 * 1024,
+        show_default=True,
+        help="Largest frame accepted, in bytes.",
+    ),
+    click.option(
         "--store",
         "store_url",
         default=None,
         envvar="CORRAL_STORE",
         help="sqlite:///PATH or memory:// [default: sqlite in --data-dir].",
-    )(f)
-    f = click.option(
+    ),
+    click.option(
+        "--data-dir",
+        default=None,
+        envvar="CORRAL_DATA",
+        help="Where the default store lives [default: $CORRAL_DATA, else ~/.local/share/corral].",
+    ),
+    click.option(
         "--fsync", is_flag=True, help="Survive power loss too (SQLite synchronous=FULL); slower."
-    )(f)
-    f = click.option(
-        "--restore/--no-restore",
-        default=True,
+    ),
+    click.option(
+        "--restore",
+        is_flag=True,
+        help="Insist on taking back a previous run's state (a broker always takes "
+        "back what its store holds; this flag only logs what was restored).",
+    ),
+]
+
+_WORKER_OPTIONS = [
+    click.option(
+        "--queues",
+        "-Q",
+        default="default:10",
         show_default=True,
-        help="Take back the store's jobs and workers at start.",
-    )(f)
-    return f
+        help="Queues to serve as NAME:WEIGHT,... (higher weight first).",
+    ),
+    click.option(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=None,
+        help="Processes in the pool [default: number of cores].",
+    ),
+    click.option(
+        "--import",
+        "imports",
+        multiple=True,
+        help="Module with @corral.task functions to load (repeatable).",
+    ),
+    click.option(
+        "--allow",
+        multiple=True,
+        help="Module prefix whose callables may run, e.g. 'myapp.' (repeatable).",
+    ),
+    click.option(
+        "--max-jobs-per-child",
+        type=int,
+        default=None,
+        help="Replace a pool process after this many jobs.",
+    ),
+    click.option(
+        "--prefetch",
+        default=0,
+        show_default=True,
+        help="Jobs held beyond the number of processes: more throughput for "
+        "short jobs, but a prefetched job may wait behind a long one.",
+    ),
+    click.option(
+        "--grace",
+        default=30.0,
+        show_default=True,
+        help="Seconds running jobs get to finish on SIGTERM.",
+    ),
+]
+
+_LOG_OPTION = click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 
 
-def _log_option(f):  # noqa: ANN001, ANN202
-    return click.option(
-        "--log-level",
-        default="info",
-        show_default=True,
-        type=click.Choice(["debug", "info", "warning", "error"]),
-    )(f)
+def _options(options: list):  # noqa: ANN202 - a decorator
+    def apply(f):  # noqa: ANN001, ANN202
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
 
 
 def default_data_dir() -> str:
@@ -128,18 +180,20 @@ def default_data_dir() -> str:
 
 
 def _make_broker(
+    *,
     frontend: str,
     backend: str,
     admin: str,
+    notify: str,
     heartbeat: float,
     liveness: int,
     max_frame: int,
-    notify: str,
-    data_dir: str | None,
     store_url: str | None,
+    data_dir: str | None,
     fsync: bool,
     restore: bool,
 ):
+    """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
     from corral.store import StoreError, open_store
@@ -157,111 +211,24 @@ def _make_broker(
         core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
     )
     try:
-        if restore:
-            server.open_store()
-        else:
-            raise click.ClickException(
-                "--no-restore is not supported with a store that "
-                "keeps state; use --store memory:// for a fresh broker"
-            )
+        server.open_store()
         server.bind()
     except (StoreError, AddressInUse) as exc:
         server.close()
         raise click.ClickException(str(exc)) from None
-    log.info("store: %s", store.url)
+    log.info("store: %s%s", store.url, " (restored)" if restore else "")
     return server
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="corral")
-def main() -> None:
-    """corral: a distributed job broker for Python on ZeroMQ (eMQP)."""
-
-
-@main.command()
-@_broker_options
-@_log_option
-def broker(
-    frontend: str,
-    backend: str,
-    admin: str,
-    heartbeat: float,
-    liveness: int,
-    max_frame: int,
-    notify: str,
-    data_dir: str | None,
-    store_url: str | None,
-    fsync: bool,
-    restore: bool,
-    log_level: str,
-) -> None:
-    """Run a broker."""
-    _setup_logging(log_level)
-    server = _make_broker(
-        frontend,
-        backend,
-        admin,
-        heartbeat,
-        liveness,
-        max_frame,
-        notify,
-        data_dir,
-        store_url,
-        fsync,
-        restore,
-    )
-    log.info("broker ready: frontend %s, backend %s, admin %s", frontend, backend, admin)
-    asyncio.run(server.serve())
-
-
-def _worker_options(f):  # noqa: ANN001, ANN202
-    f = click.option(
-        "--queues",
-        "-Q",
-        default="default:10",
-        show_default=True,
-        help="Queues to serve as NAME:WEIGHT,... (higher weight first).",
-    )(f)
-    f = click.option(
-        "--concurrency",
-        "-c",
-        type=int,
-        default=None,
-        help="Processes in the pool [default: number of cores].",
-    )(f)
-    f = click.option(
-        "--import",
-        "imports",
-        multiple=True,
-        help="Module with @corral.task functions to load (repeatable).",
-    )(f)
-    f = click.option(
-        "--allow",
-        multiple=True,
-        help="Module prefix whose callables may run, e.g. 'myapp.' (repeatable).",
-    )(f)
-    f = click.option(
-        "--max-jobs-per-child",
-        type=int,
-        default=None,
-        help="Replace a pool process after this many jobs.",
-    )(f)
-    f = click.option(
-        "--grace",
-        default=30.0,
-        show_default=True,
-        help="Seconds running jobs get to finish on SIGTERM.",
-    )(f)
-    return f
-
-
 def _make_worker(
+    *,
     backend: str,
     queues: str,
     concurrency: int | None,
     imports: tuple[str, ...],
     allow: tuple[str, ...],
     max_jobs_per_child: int | None,
+    prefetch: int,
     grace: float,
     heartbeat: float,
     identity: str | None = None,
@@ -274,6 +241,7 @@ def _make_worker(
         imports=tuple(imports),
         allow=tuple(allow),
         max_jobs_per_child=max_jobs_per_child,
+        prefetch=prefetch,
         grace=grace,
         heartbeat_interval=heartbeat,
     )
@@ -293,80 +261,78 @@ async def _run_worker(worker) -> None:  # noqa: ANN001
     await worker.run()
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="corral")
+def main() -> None:
+    """corral: a distributed job broker for Python on ZeroMQ (eMQP)."""
+
+
+@main.command()
+@_options([*_BROKER_OPTIONS, _LOG_OPTION])
+def broker(log_level: str, **opts: Any) -> None:
+    """Run a broker."""
+    _setup_logging(log_level)
+    server = _make_broker(**opts)
+    log.info(
+        "broker ready: frontend %s, backend %s, admin %s",
+        opts["frontend"],
+        opts["backend"],
+        opts["admin"],
+    )
+    asyncio.run(server.serve())
+
+
 @main.command()
 @click.option(
     "--backend", default=DEFAULT_BACKEND, show_default=True, help="The broker's backend endpoint."
 )
-@_worker_options
+@_options(_WORKER_OPTIONS)
 @click.option("--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--uuid", "identity", default=None, help="Worker identity [default: a new uuid4].")
-@_log_option
-def worker(
-    backend: str,
-    queues: str,
-    concurrency: int | None,
-    imports: tuple[str, ...],
-    allow: tuple[str, ...],
-    max_jobs_per_child: int | None,
-    grace: float,
-    heartbeat: float,
-    identity: str | None,
-    log_level: str,
-) -> None:
+@_options([_LOG_OPTION])
+def worker(log_level: str, **opts: Any) -> None:
     """Run a worker that serves jobs from a broker."""
     _setup_logging(log_level)
     sys.path.insert(0, os.getcwd())
-    w = _make_worker(
-        backend, queues, concurrency, imports, allow, max_jobs_per_child, grace, heartbeat, identity
-    )
-    asyncio.run(_run_worker(w))
+    asyncio.run(_run_worker(_make_worker(**opts)))
+
+
+_BROKER_KEYS = {
+    "frontend",
+    "backend",
+    "admin",
+    "notify",
+    "heartbeat",
+    "liveness",
+    "max_frame",
+    "store_url",
+    "data_dir",
+    "fsync",
+    "restore",
+}
+_WORKER_KEYS = {
+    "backend",
+    "queues",
+    "concurrency",
+    "imports",
+    "allow",
+    "max_jobs_per_child",
+    "prefetch",
+    "grace",
+    "heartbeat",
+}
 
 
 @main.command()
-@_broker_options
-@_worker_options
-@_log_option
-def up(
-    frontend: str,
-    backend: str,
-    admin: str,
-    heartbeat: float,
-    liveness: int,
-    max_frame: int,
-    notify: str,
-    data_dir: str | None,
-    store_url: str | None,
-    fsync: bool,
-    restore: bool,
-    queues: str,
-    concurrency: int | None,
-    imports: tuple[str, ...],
-    allow: tuple[str, ...],
-    max_jobs_per_child: int | None,
-    grace: float,
-    log_level: str,
-) -> None:
+@_options([*_BROKER_OPTIONS, *_WORKER_OPTIONS, _LOG_OPTION])
+def up(log_level: str, **opts: Any) -> None:
     """Run a broker and a worker together (the quickest way to start)."""
     _setup_logging(log_level)
     sys.path.insert(0, os.getcwd())
-    imports = ("corral.examples", *imports)
-    server = _make_broker(
-        frontend,
-        backend,
-        admin,
-        heartbeat,
-        liveness,
-        max_frame,
-        notify,
-        data_dir,
-        store_url,
-        fsync,
-        restore,
-    )
-    w = _make_worker(
-        backend, queues, concurrency, imports, allow, max_jobs_per_child, grace, heartbeat
-    )
-    click.echo(_banner(frontend, admin, server.store.url))
+    opts["imports"] = ("corral.examples", *opts["imports"])
+    server = _make_broker(**{k: v for k, v in opts.items() if k in _BROKER_KEYS})
+    w = _make_worker(**{k: v for k, v in opts.items() if k in _WORKER_KEYS})
+    click.echo(_banner(opts["frontend"], opts["admin"], server.store.url))
 
     async def both() -> None:
         worker_task = asyncio.ensure_future(w.run())

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest
 from corral.broker.queries import QueryHandler
 from corral.store.base import JobRecord, Store, WorkerRecord
@@ -75,6 +76,7 @@ class BrokerServer:
         self._stopped: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._pending_drain: set[Dest] = set()
+        self._sent_on: set[Dest] = set()
         #: Called once the sockets are bound (the CLI prints its banner then).
         self.on_bound: Callable[[], None] | None = None
 
@@ -238,11 +240,13 @@ class BrokerServer:
             for identity, query in queries:
                 self.queries.handle(identity, query)
         if core.acks or core.dirty or core.dirty_workers:
-            self._commit()  # Sending may consume the edge of the sockets' edge-triggered FDs:
+            self._commit()
+        # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
-        for dest, sock in self.sockets.items():
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for dest in self._sent_on:
+            if dest not in self._pending_drain and has_input(self.sockets[dest]):
                 self._schedule_drain(dest)
+        self._sent_on.clear()
 
     def _send(self, batch: list[tuple[Dest, bytes, list[bytes]]]) -> None:
         core = self.core
@@ -250,8 +254,9 @@ class BrokerServer:
             sock = self.sockets.get(dest)
             if sock is None:
                 continue
+            self._sent_on.add(dest)
             try:
-                sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+                send_frames(sock, [identity, *frames])
             except zmq.ZMQError as exc:
                 self.send_failures += 1
                 if exc.errno == errno.EHOSTUNREACH:

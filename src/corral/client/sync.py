@@ -495,7 +495,11 @@ class _IOLoop:
             return True
         if self.client._outbox:
             return False
-        return all(job._acked or job.done() for job in self.unacked)
+        # Acknowledgements come back in send order, so trimming the front is enough.
+        unacked = self.unacked
+        while unacked and (unacked[0]._acked or unacked[0].done()):
+            unacked.popleft()
+        return not unacked
 
 
 def _settle_value(job: Job, value: Any) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from corral._loop import SocketWatcher
+from corral._loop import SocketWatcher, send_frames
 from corral.protocol import (
     DEFAULT_BACKEND,
     PROTOCOL,
@@ -57,6 +57,10 @@ class WorkerConfig:
     imports: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     max_jobs_per_child: int | None = None
+    #: Jobs accepted beyond the number of processes, so a process that finishes
+    #: finds its next job already here instead of waiting a round trip to the
+    #: broker. Each one may wait behind a long job: keep it small.
+    prefetch: int = 0
     heartbeat_interval: float = 3.0
     heartbeat_liveness: int = 3
     reconnect_max: float = 5.0
@@ -158,9 +162,7 @@ class WorkerManager:
         cmd, *rest = frames
         assert self._sock is not None
         try:
-            self._sock.send_multipart(
-                [b"", PROTOCOL, cmd, new_msgid().encode(), *rest], zmq.NOBLOCK
-            )
+            send_frames(self._sock, [b"", PROTOCOL, cmd, new_msgid().encode(), *rest])
         except zmq.Again:
             log.warning("send queue to the broker is full; %s dropped", cmd.decode())
         self._last_sent = time.monotonic()
@@ -190,7 +192,7 @@ class WorkerManager:
 
     @property
     def free_slots(self) -> int:
-        return self.config.concurrency - len(self.running)
+        return self.config.concurrency + self.config.prefetch - len(self.running)
 
     # ------------------------------------------------------------ receiving
 
