@@ -89,9 +89,7 @@ class Task:
         """
         from corral.client import default_client
 
-        return default_client().submit(
-            self, *args, queue=self.queue, timeout=self.timeout, retries=self.retries, **kwargs
-        )
+        return self.apply_async(args, kwargs)
 
     def apply_async(
         self,
@@ -115,7 +113,7 @@ class Task:
             "retries": self.retries,
             **options,
         }
-        return default_client().submit(self, *args, **merged, **(kwargs or {}))
+        return default_client().submit_with(self, args, kwargs or {}, **merged)
 
 
 def _register(t: Task) -> Task:

@@ -38,6 +38,10 @@ def noop() -> None:
     return None
 
 
+def add(a: float, b: float) -> float:
+    return a + b
+
+
 def echo(*args: object, **kwargs: object) -> dict[str, object]:
     return {"args": list(args), "kwargs": kwargs}
 

@@ -28,8 +28,13 @@ def free_addr() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02,
-             what: str = "condition", procs: Sequence[Proc] = ()) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 15.0,
+    interval: float = 0.02,
+    what: str = "condition",
+    procs: Sequence[Proc] = (),
+) -> Any:
     """Poll ``predicate`` until it returns something truthy or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -54,11 +59,23 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [
-            os.environ.get("PYTHONPATH")])]), "PYTHONUNBUFFERED": "1", **self.env}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      env=env, cwd=ROOT, start_new_session=True)
+        self.popen = subprocess.Popen(
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         return self
 
     @property
@@ -116,8 +133,16 @@ class BrokerAddrs:
     notify: str = field(default_factory=free_addr)
 
     def args(self) -> list[str]:
-        return ["--frontend", self.frontend, "--backend", self.backend, "--admin", self.admin,
-                "--notify", self.notify]
+        return [
+            "--frontend",
+            self.frontend,
+            "--backend",
+            self.backend,
+            "--admin",
+            self.admin,
+            "--notify",
+            self.notify,
+        ]
 
 
 def corral_cmd(*args: str) -> list[str]:
@@ -139,24 +164,48 @@ class Cluster:
         return proc
 
     def broker(self, *extra: str) -> Proc:
-        proc = self.start("broker", corral_cmd("broker", *self.addrs.args(), "--heartbeat",
-                                               str(self.heartbeat), "--data-dir",
-                                               str(self.tmp / "data"), *extra))
-        wait_for(lambda: self.status(timeout=0.3), what="broker to answer STATUS",
-                 procs=[proc])
+        proc = self.start(
+            "broker",
+            corral_cmd(
+                "broker",
+                *self.addrs.args(),
+                "--heartbeat",
+                str(self.heartbeat),
+                "--data-dir",
+                str(self.tmp / "data"),
+                *extra,
+            ),
+        )
+        wait_for(lambda: self.status(timeout=0.3), what="broker to answer STATUS", procs=[proc])
         return proc
 
-    def worker(self, *extra: str, concurrency: int = 2, wait: bool = True,
-               imports: Sequence[str] = ("tests.jobs",)) -> Proc:
-        args = ["worker", "--backend", self.addrs.backend, "--heartbeat", str(self.heartbeat),
-                "-c", str(concurrency)]
+    def worker(
+        self,
+        *extra: str,
+        concurrency: int = 2,
+        wait: bool = True,
+        imports: Sequence[str] = ("tests.jobs",),
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        args = [
+            "worker",
+            "--backend",
+            self.addrs.backend,
+            "--heartbeat",
+            str(self.heartbeat),
+            "-c",
+            str(concurrency),
+        ]
         for mod in imports:
             args += ["--import", mod]
         before = self.worker_count()
-        proc = self.start("worker", corral_cmd(*args, *extra))
+        proc = self.start("worker", corral_cmd(*args, *extra), env=env)
         if wait:
-            wait_for(lambda: self.free_slots() >= concurrency and self.worker_count() > before,
-                     what="worker to register and offer its slots", procs=[proc])
+            wait_for(
+                lambda: self.free_slots() >= concurrency and self.worker_count() > before,
+                what="worker to register and offer its slots",
+                procs=[proc],
+            )
         return proc
 
     def status(self, timeout: float = 2.0) -> dict[str, Any] | None:

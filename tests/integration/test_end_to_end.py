@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 
-
 import pytest
 
 import corral
@@ -65,8 +64,10 @@ def test_time_limit_kills_job_and_pool_recovers(client):
 
 def test_jobs_wait_in_their_queue_until_a_worker_serves_it(up, client):
     job = client.submit("corral.examples:add", 1, 2, queue="later")
-    wait_for(lambda: (up.status() or {}).get("waiting_messages_by_queue", {}).get("later") == 1,
-             what="job waiting in queue 'later'")
+    wait_for(
+        lambda: (up.status() or {}).get("waiting_messages_by_queue", {}).get("later") == 1,
+        what="job waiting in queue 'later'",
+    )
     assert not job.done()
     up.worker("--queues", "later:10", concurrency=1, imports=("corral.examples",))
     assert job.result(timeout=10) == 3
@@ -88,31 +89,43 @@ def test_higher_weight_queue_first(up):
 
 def test_status_cli_table_and_json(up, client):
     client.submit("corral.examples:add", 1, 1).result(timeout=10)
-    out = subprocess.run(corral_cmd("status", "--admin", up.addrs.admin), capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        corral_cmd("status", "--admin", up.addrs.admin), capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert "default" in out.stdout and "workers" in out.stdout
-    out = subprocess.run(corral_cmd("status", "--admin", up.addrs.admin, "--json"),
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        corral_cmd("status", "--admin", up.addrs.admin, "--json"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert '"processed_messages_by_queue"' in out.stdout
 
 
 def test_submit_cli_wait(up):
-    env_cmd = corral_cmd("submit", "corral.examples:add", "2", "3", "--wait",
-                         "--broker", up.addrs.frontend)
+    env_cmd = corral_cmd(
+        "submit", "corral.examples:add", "2", "3", "--wait", "--broker", up.addrs.frontend
+    )
     out = subprocess.run(env_cmd, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "5"
-    out = subprocess.run(corral_cmd("submit", "corral.examples:fail", "--wait", "--broker",
-                                    up.addrs.frontend), capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        corral_cmd("submit", "corral.examples:fail", "--wait", "--broker", up.addrs.frontend),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1 and "RuntimeError" in out.stderr
 
 
 def test_submit_cli_rejects_non_json_args(up):
-    out = subprocess.run(corral_cmd("submit", "corral.examples:add", "two", "--broker",
-                                    up.addrs.frontend), capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        corral_cmd("submit", "corral.examples:add", "two", "--broker", up.addrs.frontend),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0 and "JSON" in out.stderr
 
 
@@ -121,8 +134,10 @@ def test_worker_killed_mid_job(up, client):
     victim = up.procs[-1]
     guaranteed = client.submit("corral.examples:sleep", 1.0, guarantee=True)
     plain = client.submit("corral.examples:sleep", 1.0)
-    wait_for(lambda: (up.status() or {}).get("inflight_messages_by_queue", {}).get("default")
-             == 2, what="both jobs running")
+    wait_for(
+        lambda: (up.status() or {}).get("inflight_messages_by_queue", {}).get("default") == 2,
+        what="both jobs running",
+    )
     victim.kill_group(signal.SIGKILL)
     with pytest.raises(JobFailed) as info:
         plain.result(timeout=15)
@@ -134,8 +149,10 @@ def test_worker_killed_mid_job(up, client):
 def test_worker_sigterm_drains(up, client):
     worker = up.procs[-1]
     job = client.submit("corral.examples:sleep", 0.5)
-    wait_for(lambda: (up.status() or {}).get("inflight_messages_by_queue", {}).get("default")
-             == 1, what="job running")
+    wait_for(
+        lambda: (up.status() or {}).get("inflight_messages_by_queue", {}).get("default") == 1,
+        what="job running",
+    )
     worker.send_signal(signal.SIGTERM)
     assert job.result(timeout=10) == 0.5
     assert worker.wait(15) == 0
@@ -149,8 +166,11 @@ def test_worker_reconnects_after_broker_restart(cluster):
     broker.kill_group(signal.SIGKILL)
     broker.wait(5)
     cluster.broker()
-    wait_for(lambda: worker_name in cluster.workers()["connected_workers"], timeout=20,
-             what="worker to re-register with the same uuid")
+    wait_for(
+        lambda: worker_name in cluster.workers()["connected_workers"],
+        timeout=20,
+        what="worker to re-register with the same uuid",
+    )
     with corral.Client(cluster.addrs.frontend) as client:
         assert client.submit("corral.examples:add", 4, 4).result(timeout=10) == 8
 
@@ -183,8 +203,9 @@ def test_garbage_does_not_stop_the_broker(up, client):
 
 
 def test_python_dash_m_corral_help():
-    out = subprocess.run([sys.executable, "-m", "corral", "--help"], capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "corral", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0 and "broker" in out.stdout and "submit" in out.stdout
 
 
@@ -196,9 +217,14 @@ def test_corral_up_prints_how_to_submit(tmp_path):
     try:
         wait_for(lambda: "corral submit" in proc.output(), what="banner", procs=[proc])
         assert "corral.examples:add" in proc.output()
-        out = subprocess.run(corral_cmd("submit", "corral.examples:add", "2", "3", "--wait",
-                                        "--broker", addrs.frontend), capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            corral_cmd(
+                "submit", "corral.examples:add", "2", "3", "--wait", "--broker", addrs.frontend
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.stdout.strip() == "5", out.stderr
     finally:
         proc.stop()
