@@ -84,8 +84,9 @@ class FakeClient:
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
-    def submit(self, *args: Any, **kwargs: Any) -> str:
-        self.calls.append((args, kwargs))
+    def submit_with(self, fn: Any, args: Any = (), kwargs: Any = None, **options: Any) -> str:
+        self.calls.append(((fn, *args), {**options, **(kwargs or {})}))
+        self.split = (dict(kwargs or {}), options)
         return "job-1"
 
 
@@ -106,10 +107,17 @@ def test_delay_submits_with_task_defaults(client: FakeClient) -> None:
 
 
 def test_apply_async_options_override_defaults(client: FakeClient) -> None:
-    jobs.mul.apply_async((2,), {"b": 3}, queue="fast", retries=0, priority=1)
+    jobs.mul.apply_async((2,), {"b": 3}, queue="fast", retries=0, label="x")
     assert client.calls == [
-        ((jobs.mul, 2), {"queue": "fast", "timeout": 5, "retries": 0, "priority": 1, "b": 3}),
+        ((jobs.mul, 2), {"queue": "fast", "timeout": 5, "retries": 0, "label": "x", "b": 3}),
     ]
+
+
+def test_job_kwargs_named_like_options_stay_job_kwargs(client: FakeClient) -> None:
+    jobs.mul.delay(2, queue="not-an-option")
+    job_kwargs, options = client.split
+    assert job_kwargs == {"queue": "not-an-option"}
+    assert options["queue"] == "math"
     client.calls.clear()
     jobs.add.apply_async()
     assert client.calls == [((jobs.add,), {"queue": "default", "timeout": None, "retries": 0})]
