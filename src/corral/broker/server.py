@@ -52,6 +52,7 @@ class BrokerServer:
         admin: str,
         notify: str | None = None,
         store: Store | None = None,
+        commit_delay: float = 0.002,
         context: zmq.Context | None = None,
     ) -> None:
         self.core = core
@@ -67,6 +68,9 @@ class BrokerServer:
         )
         self.commits = 0
         self.commit_failures = 0
+        #: Seconds changes may wait to share a transaction (SQLite store only).
+        self.commit_delay = commit_delay
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._readers: ThreadPoolExecutor | None = None
         self.queries = QueryHandler(core, self.store, self._in_thread, self._answer, time.monotonic)
         self.context = context or zmq.Context.instance()
@@ -240,7 +244,7 @@ class BrokerServer:
             for identity, query in queries:
                 self.queries.handle(identity, query)
         if core.acks or core.dirty or core.dirty_workers:
-            self._commit()
+            self._schedule_commit()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
         for dest in self._sent_on:
@@ -272,6 +276,15 @@ class BrokerServer:
 
     # ------------------------------------------------------------ group commit
 
+    def _schedule_commit(self) -> None:
+        # A commit a few milliseconds later carries the submit, the dispatch and
+        # often the outcome of a short job in one transaction instead of three;
+        # only the acknowledgement waits for it, never the job or its result.
+        if self._executor is None or self.commit_delay <= 0:
+            self._commit()
+        elif self._commit_timer is None and not self._committing and self._loop is not None:
+            self._commit_timer = self._loop.call_later(self.commit_delay, self._commit)
+
     def _commit(self, sync: bool = False) -> None:
         """Write what changed in one transaction, then send the acks that wait for it.
 
@@ -279,6 +292,9 @@ class BrokerServer:
         core and go out together in the next: the busier the broker, the
         bigger (and cheaper per job) each transaction.
         """
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         if self._committing:
             return
         core = self.core
