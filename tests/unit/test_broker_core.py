@@ -26,6 +26,7 @@ class Harness:
 
     def sent(self):
         out = self.core.acks + self.core.outbox
+        self.core.released(self.core.acks)
         self.core.acks, self.core.outbox = [], []
         return [(dest, ident, parse(frames)) for dest, ident, frames in out]
 
@@ -343,3 +344,14 @@ def test_eventmq_worker_is_always_asked_for_the_outcome(h):
 def test_hello_from_emq_cli_is_not_answered(h):
     h.core.on_admin(b"cli", [b"", PROTOCOL, b"HELLO", b"admin:1"], h.now)
     assert h.sent() == []
+
+
+def test_outcome_never_overtakes_the_acknowledgement(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit()
+    h.reply(b"w1", job)  # the outcome arrives before the store committed the job
+    assert h.core.outbox == [] or all(m[2][2] != b"REPLY" for m in h.core.outbox)
+    replies = [m for d, i, m in h.sent() if d is Dest.FRONTEND]
+    assert [m.result is None for m in replies] == [True, False]
+    assert not h.core.unacked

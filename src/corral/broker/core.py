@@ -138,6 +138,8 @@ class BrokerCore:
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
+        #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
+        self.unacked: set[str] = set()
         #: QUERY messages for the shell to answer (they may need the store).
         self.queries: list[tuple[bytes, Query]] = []
 
@@ -311,6 +313,7 @@ class BrokerCore:
         self.jobs[job.id] = job
         self.dirty[job.id] = job
         self.stats.accepted += 1
+        self.unacked.add(job.id)
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
         )
@@ -450,13 +453,13 @@ class BrokerCore:
         if latency > queue.max_latency_ms:
             queue.max_latency_ms = latency
         if job.headers.reply_requested:
-            self.outbox.append(
-                (
-                    Dest.FRONTEND,
-                    job.submitter,
-                    [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
-                )
+            reply = (
+                Dest.FRONTEND,
+                job.submitter,
+                [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
             )
+            # A submitter hears "accepted" before it hears the outcome.
+            (self.acks if job.id in self.unacked else self.outbox).append(reply)
 
     # ------------------------------------------------------------ workers
 
@@ -722,6 +725,11 @@ class BrokerCore:
         )
 
     # ------------------------------------------------------------ persistence
+
+    def released(self, sent: list[Outgoing]) -> None:
+        """The shell sent these held messages (the store has what they promise)."""
+        for _, _, frames in sent:
+            self.unacked.discard(frames[-1].decode())
 
     def take_changes(self) -> tuple[list[JobRecord], list[WorkerRecord], dict[str, Any]]:
         """Records of what changed since the last call, for one store transaction."""

@@ -333,6 +333,7 @@ class BrokerServer:
     def _committed(self, acks: list) -> None:
         self.commits += 1
         self._send(acks)
+        self.core.released(acks)
         self._flush()
 
     def _commit_failed(self, exc: BaseException, batch: tuple) -> None:
