@@ -87,7 +87,6 @@ class Task:
 
         Returns whatever the default client's ``submit`` returns.
         """
-        from corral.client import default_client
 
         return self.apply_async(args, kwargs)
 
