@@ -140,6 +140,8 @@ class BrokerCore:
         self._recent: OrderedDict[str, None] = OrderedDict()
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
+        #: An outcome waits in :attr:`acks` for its job's acknowledgement.
+        self.held_results = False
         #: QUERY messages for the shell to answer (they may need the store).
         self.queries: list[tuple[bytes, Query]] = []
 
@@ -459,7 +461,11 @@ class BrokerCore:
                 [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
             )
             # A submitter hears "accepted" before it hears the outcome.
-            (self.acks if job.id in self.unacked else self.outbox).append(reply)
+            if job.id in self.unacked:
+                self.acks.append(reply)
+                self.held_results = True
+            else:
+                self.outbox.append(reply)
 
     # ------------------------------------------------------------ workers
 
@@ -730,6 +736,8 @@ class BrokerCore:
         """The shell sent these held messages (the store has what they promise)."""
         for _, _, frames in sent:
             self.unacked.discard(frames[-1].decode())
+        # Outcome replies have six frames, acknowledgements five.
+        self.held_results = any(len(frames) == 6 for _, _, frames in self.acks)
 
     def take_changes(self) -> tuple[list[JobRecord], list[WorkerRecord], dict[str, Any]]:
         """Records of what changed since the last call, for one store transaction."""

@@ -280,8 +280,8 @@ class BrokerServer:
         # A commit a few milliseconds later carries the submit, the dispatch and
         # often the outcome of a short job in one transaction instead of three;
         # only the acknowledgement waits for it, never the job or its result.
-        if self._executor is None or self.commit_delay <= 0:
-            self._commit()
+        if self._executor is None or self.commit_delay <= 0 or self.core.held_results:
+            self._commit()  # an outcome is waiting for this commit: do not add delay
         elif self._commit_timer is None and not self._committing and self._loop is not None:
             self._commit_timer = self._loop.call_later(self.commit_delay, self._commit)
 
