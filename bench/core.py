@@ -43,11 +43,13 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_corral(jobs: int, latency_jobs: int, window: int) -> dict[str, float]:
+def run_corral(
+    jobs: int, latency_jobs: int, window: int, store: tuple[str, ...] = ()
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp), heartbeat=3.0)
         try:
-            cluster.broker("--log-level", "warning")
+            cluster.broker("--log-level", "warning", *store)
             cluster.worker("--log-level", "warning", concurrency=2, imports=("corral.examples",))
             with corral.Client(cluster.addrs.frontend) as client:
                 corral_throughput(client, min(2000, jobs), window)  # warm-up
@@ -82,15 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         f"corral: {args.jobs} no-op jobs with results, 1 pipelining client "
         f"(window {args.window}), 1 worker x 2 processes"
     )
-    c = run_corral(args.jobs, args.latency_jobs, args.window)
-    print(
-        f"  corral   throughput {c['jobs_per_s']:9.0f} jobs/s "
-        f"(median of 3; min {c['jobs_per_s_min']:.0f}, max {c['jobs_per_s_max']:.0f})"
-    )
-    print(
-        f"  corral   latency    p50 {c['p50_ms']:.3f} ms  p99 {c['p99_ms']:.3f} ms "
-        f"({args.latency_jobs} jobs, one synchronous client)"
-    )
+    results = {}
+    for name, store in (("sqlite", ()), ("memory", ("--store", "memory://"))):
+        c = results[name] = run_corral(args.jobs, args.latency_jobs, args.window, store)
+        print(
+            f"  corral/{name:6} throughput {c['jobs_per_s']:7.0f} jobs/s "
+            f"(median of 3; min {c['jobs_per_s_min']:.0f}, max {c['jobs_per_s_max']:.0f}); "
+            f"latency p50 {c['p50_ms']:.3f} ms, p99 {c['p99_ms']:.3f} ms "
+            f"({args.latency_jobs} jobs, one synchronous client)"
+        )
+    ratio = results["sqlite"]["jobs_per_s"] / results["memory"]["jobs_per_s"]
+    print(f"  sqlite store reaches {ratio:.0%} of the in-memory store's throughput")
+    c = results["sqlite"]
     if args.skip_eventmq:
         return
     try:
@@ -104,4 +109,4 @@ def main(argv: list[str] | None = None) -> None:
         f"  eventmq  throughput {rate:9.0f} jobs/s ({args.eventmq_jobs} jobs; "
         f"{e.get('method', 'end to end')})"
     )
-    print(f"  ratio    corral / eventmq = {c['jobs_per_s'] / rate:.1f}x")
+    print(f"  ratio    corral (sqlite) / eventmq = {c['jobs_per_s'] / rate:.1f}x")
