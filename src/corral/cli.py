@@ -445,3 +445,85 @@ def status(admin: str, as_json: bool, timeout: float) -> None:
     from corral.display import print_status
 
     print_status(stats, workers)
+
+
+def _client_call(address: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
+    from corral.client import Client
+    from corral.errors import CorralError
+
+    with Client(address or DEFAULT_FRONTEND) as client:
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        except CorralError as exc:
+            raise click.ClickException(str(exc)) from None
+        except TimeoutError:
+            raise click.ClickException("no answer from the broker: is it running?") from None
+
+
+_BROKER_OPTION = click.option(
+    "--broker",
+    "address",
+    default=None,
+    envvar="CORRAL_BROKER",
+    help=f"Frontend endpoint [default: {DEFAULT_FRONTEND}, or $CORRAL_BROKER].",
+)
+_JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+
+
+@main.command("job")
+@click.argument("job_id")
+@_BROKER_OPTION
+@_JSON_OPTION
+def job_cmd(job_id: str, address: str | None, as_json: bool) -> None:
+    """Show one job's record."""
+    info = _client_call(address, "job_info", job_id)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    from corral.display import print_job
+
+    print_job(info)
+
+
+@main.command("jobs")
+@click.option(
+    "--state",
+    "-s",
+    multiple=True,
+    help="queued, running, succeeded, failed, retrying, cancelled or dead (repeatable).",
+)
+@click.option("--dead", is_flag=True, help="Only dead jobs (the dead-letter set).")
+@click.option("--queue", "-q", default=None)
+@click.option("--label", default=None)
+@click.option("--limit", "-n", default=50, show_default=True)
+@_BROKER_OPTION
+@_JSON_OPTION
+def jobs_cmd(
+    state: tuple[str, ...],
+    dead: bool,
+    queue: str | None,
+    label: str | None,
+    limit: int,
+    address: str | None,
+    as_json: bool,
+) -> None:
+    """List jobs, newest first."""
+    states = [*state, *(["dead"] if dead else [])]
+    found = _client_call(
+        address, "jobs", state=states or None, queue=queue, label=label, limit=limit
+    )
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        return
+    from corral.display import print_jobs
+
+    print_jobs(found)
+
+
+@main.command("retry")
+@click.argument("job_id")
+@_BROKER_OPTION
+def retry_cmd(job_id: str, address: str | None) -> None:
+    """Put a dead, failed or cancelled job back in its queue."""
+    info = _client_call(address, "retry", job_id)
+    click.echo(f"job {info['id']} is {info['state']} again")

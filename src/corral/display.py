@@ -51,3 +51,49 @@ def print_status(
     if bad:
         line += ", malformed messages " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
     console.print(line)
+
+
+def _when(ts: float | None) -> str:
+    import datetime
+
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def print_jobs(jobs: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"jobs ({len(jobs)})", title_justify="left")
+    for column in ("id", "queue", "state", "attempts", "worker", "submitted", "error"):
+        table.add_column(column)
+    for job in jobs:
+        error = job.get("error") or {}
+        table.add_row(
+            job["id"],
+            job["queue"],
+            job["state"],
+            str(job["attempts"]),
+            str(job.get("worker_id") or "-"),
+            _when(job.get("submitted")),
+            f"{error.get('type', '')}: {error.get('message', '')}" if error else "",
+        )
+    console.print(table)
+
+
+def print_job(job: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(show_header=False, title=f"job {job['id']}", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in ("state", "queue", "attempts", "worker_id", "worker_uuid", "label"):
+        table.add_row(key, str(job.get(key)))
+    for key in ("submitted", "started", "completed", "received"):
+        table.add_row(key, _when(job.get(key)))
+    if job.get("error"):
+        error = job["error"]
+        table.add_row("error", f"{error.get('type')}: {error.get('message')}")
+    elif "result" in job:
+        table.add_row("result", repr(job["result"]))
+    console.print(table)
+    if job.get("error") and job["error"].get("traceback"):
+        console.print(job["error"]["traceback"].rstrip())

@@ -26,7 +26,7 @@ import zmq
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.errors import ClientClosed, JobFailed, NotAcknowledged, Rejected
-from corral.protocol import Error, Heartbeat, ProtocolError, Reply, new_msgid, parse
+from corral.protocol import Error, Heartbeat, ProtocolError, Query, Reply, new_msgid, parse
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,57 @@ class Client:
         job._frames = request.to_frames()
         self._enqueue(job)
         return job
+
+    # ------------------------------------------------------------ job records
+
+    def query(self, op: str, *, timeout: float | None = 30.0, **params: Any) -> Any:
+        """Ask the broker (a QUERY ``op``) and return its answer.
+
+        Raises :class:`corral.errors.JobFailed` (or its subclass for corral's own
+        errors, e.g. ``NotFound``) when the broker refuses, ``TimeoutError``
+        after ``timeout`` seconds (default 30).
+        """
+        self._check_usable()
+        msg = Query(new_msgid(), op, params)
+        job = Job(msg.msgid, "")
+        job._frames = msg.to_frames()
+        self._enqueue(job)
+        return job.result(timeout)
+
+    def job_info(self, job_id: str) -> dict[str, Any]:
+        """A job's record: state, queue, attempts, worker, timestamps, result or error."""
+        return self.query("job", id=job_id)
+
+    def jobs(
+        self,
+        *,
+        state: str | Sequence[str] | None = None,
+        queue: str | None = None,
+        worker_id: int | None = None,
+        label: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Job records, newest first, filtered by state(s), queue, worker, label, time."""
+        params = {
+            "state": state if isinstance(state, str) or state is None else list(state),
+            "queue": queue,
+            "worker_id": worker_id,
+            "label": label,
+            "since": since,
+            "until": until,
+            "limit": limit,
+        }
+        return self.query("jobs", **{k: v for k, v in params.items() if v is not None})
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        """Put a dead, failed or cancelled job back in its queue (attempts start over)."""
+        return self.query("retry", id=job_id)
+
+    def workers(self) -> dict[str, Any]:
+        """Connected workers by integer id, and every uuid ever registered with its id."""
+        return self.query("workers")
 
     def map(
         self,
