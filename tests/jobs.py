@@ -110,3 +110,16 @@ def stamp() -> float:
     import time
 
     return time.time()
+
+
+@task
+def record(path: str, n: int) -> int:
+    """Append ``n`` to ``path`` (one line per execution), to count how often a job ran."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{n}\n".encode())
+    finally:
+        os.close(fd)
+    return n

@@ -194,3 +194,16 @@ def test_memory_store_round_trip():
     store.commit(*h.core.take_changes())
     snap = store.open()
     assert [j.id for j in snap.jobs] == ["a"]
+
+
+def test_outcome_for_a_restored_queued_job_takes_it_out_of_its_queue():
+    # The broker died after the job ran but before its dispatch was stored.
+    h = Harness()
+    h.core.restore(Snapshot(jobs=[_job("q1", "queued")], workers=[]), h.now)
+    h.reply(b"w1", "q1")  # the worker re-sends the outcome it kept
+    assert not h.core.queues["default"].waiting
+    h.inform(b"w1", meta={"running": []})
+    h.ready(b"w1")
+    assert h.dispatched(h.sent()) == []
+    jobs, _, _ = records(h)
+    assert jobs["q1"].state == "succeeded"

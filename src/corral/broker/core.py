@@ -426,6 +426,12 @@ class BrokerCore:
 
     def _finish(self, job: Job, result: bytes, error_type: str | None, now: float) -> None:
         del self.jobs[job.id]
+        if job.state is JobState.QUEUED:
+            # Only after a restart: the store said "queued" but the job had run and its
+            # worker re-sent the outcome. Rare, so a linear removal is fine.
+            waiting = self.queues[job.queue].waiting
+            if job in waiting:
+                waiting.remove(job)
         self._recent[job.id] = None
         if len(self._recent) > self.config.recent_ids:
             self._recent.popitem(last=False)
