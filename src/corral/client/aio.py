@@ -19,8 +19,9 @@ import zmq.asyncio
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.client.sync import configure_socket
-from corral.errors import ClientClosed, JobFailed, NotAcknowledged, Rejected
-from corral.protocol import Error, Heartbeat, ProtocolError, Reply, new_msgid, parse
+from corral.client.wire import read_answer, unknown
+from corral.errors import ClientClosed, NotAcknowledged
+from corral.protocol import new_msgid
 
 log = logging.getLogger(__name__)
 
@@ -261,43 +262,30 @@ class AsyncClient:
                 self._on_frames(frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        try:
-            msg = parse(frames)
-        except ProtocolError as exc:
-            log.warning("dropped a malformed message from the broker: %s", exc)
+        answer = read_answer(frames)
+        if answer is None:
             return
-        if type(msg) is Reply:
-            job = self._pending.get(msg.ref)
+        job_id, kind, payload = answer
+        if kind == "ack":
+            job = self._pending.get(job_id)
             if job is None:
-                log.debug("REPLY for unknown or finished job %s", msg.ref)
-                return
-            if msg.result is None:
+                unknown(job_id, kind, payload)
+            else:
                 job._mark_acknowledged()
                 self._check_all_acked()
-                return
-            del self._pending[msg.ref]
+            return
+        job = self._pending.pop(job_id, None)
+        if job is None:
+            unknown(job_id, kind, payload)
+            return
+        if kind == "value":
             job._acked = True
-            outcome = msg.outcome()
-            if outcome.error is None:
-                if not job._future.done():
-                    job._future.set_result(outcome.value)
-            else:
-                err = outcome.error
-                _settle_error(
-                    job, JobFailed.from_error(err.type, err.message, err.traceback, job.id)
-                )
-            self._check_all_acked()
-        elif type(msg) is Error:
-            job = self._pending.pop(msg.ref, None)
-            if job is None:
-                log.warning("broker refused a message: %s %s", msg.reason, msg.detail)
-                return
-            _settle_error(job, Rejected(msg.reason, msg.detail, job.id))
-            self._check_all_acked()
-        elif type(msg) is Heartbeat:
-            pass
+            if not job._future.done():
+                job._future.set_result(payload)
         else:
-            log.debug("ignored %s from the broker", msg.command.value)
+            job._acked = kind == "failed"
+            _settle_error(job, payload)
+        self._check_all_acked()
 
     # ------------------------------------------------------------ ack deadlines
 

@@ -25,8 +25,9 @@ import zmq
 
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
-from corral.errors import ClientClosed, JobFailed, NotAcknowledged, Rejected
-from corral.protocol import Error, Heartbeat, ProtocolError, Query, Reply, new_msgid, parse
+from corral.client.wire import read_answer, unknown
+from corral.errors import ClientClosed, NotAcknowledged
+from corral.protocol import Query, new_msgid
 
 log = logging.getLogger(__name__)
 
@@ -488,39 +489,27 @@ class _IOLoop:
             self._on_frames(frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        try:
-            msg = parse(frames)
-        except ProtocolError as exc:
-            log.warning("dropped a malformed message from the broker: %s", exc)
+        answer = read_answer(frames)
+        if answer is None:
             return
-        if type(msg) is Reply:
-            job = self.pending.get(msg.ref)
+        job_id, kind, payload = answer
+        if kind == "ack":
+            job = self.pending.get(job_id)
             if job is None:
-                log.debug("REPLY for unknown or finished job %s", msg.ref)
-                return
-            if msg.result is None:
-                job._mark_acknowledged()
-                return
-            del self.pending[msg.ref]
-            job._acked = True  # an outcome implies the broker had the job
-            outcome = msg.outcome()
-            if outcome.error is None:
-                _settle_value(job, outcome.value)
+                unknown(job_id, kind, payload)
             else:
-                err = outcome.error
-                _settle_error(
-                    job, JobFailed.from_error(err.type, err.message, err.traceback, job.id)
-                )
-        elif type(msg) is Error:
-            job = self.pending.pop(msg.ref, None)
-            if job is None:
-                log.warning("broker refused a message: %s %s", msg.reason, msg.detail)
-                return
-            _settle_error(job, Rejected(msg.reason, msg.detail, job.id))
-        elif type(msg) is Heartbeat:
-            pass
+                job._mark_acknowledged()
+            return
+        job = self.pending.pop(job_id, None)
+        if job is None:
+            unknown(job_id, kind, payload)
+            return
+        if kind == "value":
+            job._acked = True  # an outcome implies the broker had the job
+            _settle_value(job, payload)
         else:
-            log.debug("ignored %s from the broker", msg.command.value)
+            job._acked = kind == "failed"
+            _settle_error(job, payload)
 
     def _expire(self, now: float) -> None:
         unacked, pending = self.unacked, self.pending
