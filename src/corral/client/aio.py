@@ -19,7 +19,7 @@ import zmq.asyncio
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.client.sync import configure_socket
-from corral.client.wire import read_answer, unknown
+from corral.client.wire import deliver
 from corral.errors import ClientClosed, NotAcknowledged
 from corral.protocol import new_msgid
 
@@ -262,30 +262,8 @@ class AsyncClient:
                 self._on_frames(frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        answer = read_answer(frames)
-        if answer is None:
-            return
-        job_id, kind, payload = answer
-        if kind == "ack":
-            job = self._pending.get(job_id)
-            if job is None:
-                unknown(job_id, kind, payload)
-            else:
-                job._mark_acknowledged()
-                self._check_all_acked()
-            return
-        job = self._pending.pop(job_id, None)
-        if job is None:
-            unknown(job_id, kind, payload)
-            return
-        if kind == "value":
-            job._acked = True
-            if not job._future.done():
-                job._future.set_result(payload)
-        else:
-            job._acked = kind == "failed"
-            _settle_error(job, payload)
-        self._check_all_acked()
+        if deliver(self._pending, frames):
+            self._check_all_acked()
 
     # ------------------------------------------------------------ ack deadlines
 

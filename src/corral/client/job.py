@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Generator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 # Guards only the rare, lazy creation of a job's acknowledgement event.
@@ -67,6 +67,18 @@ class Job(Future[Any]):
         if event is not None:
             event.set()
 
+    def _settle(self, kind: str, payload: Any) -> None:
+        """Record the broker's answer: ``"value"``, ``"failed"`` or ``"refused"``."""
+        # An outcome implies the broker had the job; a refusal says it did not.
+        self._acked = kind != "refused"
+        try:
+            if kind == "value":
+                self.set_result(payload)
+            else:
+                self.set_exception(payload)
+        except InvalidStateError:
+            pass  # cancelled locally or already failed (e.g. not acknowledged in time)
+
     def __repr__(self) -> str:
         return f"<Job {self.id} queue={self.queue!r} state={self._state}>"
 
@@ -119,6 +131,16 @@ class AsyncJob:
         self._acked = True
         if self._ack_event is not None:
             self._ack_event.set()
+
+    def _settle(self, kind: str, payload: Any) -> None:
+        """Record the broker's answer: ``"value"``, ``"failed"`` or ``"refused"``."""
+        self._acked = kind != "refused"
+        if self._future.done():
+            return
+        if kind == "value":
+            self._future.set_result(payload)
+        else:
+            self._future.set_exception(payload)
 
     def done(self) -> bool:
         """Whether the outcome (or a failure) has arrived."""

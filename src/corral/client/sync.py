@@ -25,7 +25,7 @@ import zmq
 
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
-from corral.client.wire import read_answer, unknown
+from corral.client.wire import deliver
 from corral.errors import ClientClosed, NotAcknowledged
 from corral.protocol import Query, new_msgid
 
@@ -489,27 +489,7 @@ class _IOLoop:
             self._on_frames(frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        answer = read_answer(frames)
-        if answer is None:
-            return
-        job_id, kind, payload = answer
-        if kind == "ack":
-            job = self.pending.get(job_id)
-            if job is None:
-                unknown(job_id, kind, payload)
-            else:
-                job._mark_acknowledged()
-            return
-        job = self.pending.pop(job_id, None)
-        if job is None:
-            unknown(job_id, kind, payload)
-            return
-        if kind == "value":
-            job._acked = True  # an outcome implies the broker had the job
-            _settle_value(job, payload)
-        else:
-            job._acked = kind == "failed"
-            _settle_error(job, payload)
+        deliver(self.pending, frames)
 
     def _expire(self, now: float) -> None:
         unacked, pending = self.unacked, self.pending
@@ -540,13 +520,6 @@ class _IOLoop:
         while unacked and (unacked[0]._acked or unacked[0].done()):
             unacked.popleft()
         return not unacked
-
-
-def _settle_value(job: Job, value: Any) -> None:
-    try:
-        job.set_result(value)
-    except InvalidStateError:
-        pass  # cancelled locally or already failed (e.g. not acknowledged in time)
 
 
 def _settle_error(job: Job, exc: BaseException) -> None:

@@ -44,6 +44,27 @@ def read_answer(frames: list[bytes]) -> tuple[str, Kind, Any] | None:
     return None
 
 
+def deliver(pending: dict[str, Any], frames: list[bytes]) -> bool:
+    """Hand a broker message to the job it is about (a ``Job`` or ``AsyncJob``).
+
+    An acknowledgement leaves the job in ``pending``; an outcome or a refusal
+    settles it and takes it out. Returns whether a job was told anything.
+    """
+    answer = read_answer(frames)
+    if answer is None:
+        return False
+    job_id, kind, payload = answer
+    job = pending.get(job_id) if kind == "ack" else pending.pop(job_id, None)
+    if job is None:
+        unknown(job_id, kind, payload)
+        return False
+    if kind == "ack":
+        job._mark_acknowledged()
+    else:
+        job._settle(kind, payload)
+    return True
+
+
 def unknown(job_id: str, kind: Kind, payload: Any) -> None:
     """Log an answer about a job this client no longer waits for."""
     if kind == "refused":
