@@ -52,8 +52,6 @@ def test_core_survives_any_traffic(ops_):
             continue
         if frames[2:3] == [b"REQUEST"] and frames[3:4] == [b"J"]:
             frames = [*frames[:3], str(n).encode(), *frames[4:]]
-        if frames[2:3] == [b"REPLY"]:
-            pass
         handler = {
             "frontend": core.on_frontend,
             "backend": core.on_backend,

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from corral.broker.model import FINISHED, Job, JobState, Queue, Scheduler, Worker, peer_name
+from corral.broker.model import Job, JobState, Queue, Scheduler, Worker, peer_name
 from corral.protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_QUEUE,
@@ -96,7 +96,6 @@ class Stats:
     malformed: Counter[str] = field(default_factory=Counter)
     accepted: int = 0
     completed: int = 0
-    duplicate_replies: int = 0
     unknown_replies: int = 0
     workers_lost: int = 0
     requeued: int = 0
@@ -813,10 +812,6 @@ class BrokerCore:
         self.jobs[job.id] = job
         self._enqueue(job, now)
         return True
-
-    @property
-    def finished_states(self) -> frozenset[JobState]:
-        return FINISHED
 
 
 #: Errors that no retry can mend.

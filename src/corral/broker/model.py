@@ -19,9 +19,6 @@ class JobState(StrEnum):
     DEAD = "dead"
 
 
-FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DEAD})
-
-
 def peer_name(identity: bytes) -> str:
     """A printable name for a ZeroMQ identity, which may be any bytes."""
     return identity.decode("utf-8", "backslashreplace")
