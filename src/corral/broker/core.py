@@ -25,6 +25,7 @@ from corral.protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_QUEUE,
     PROTOCOL,
+    Abort,
     Ack,
     Disconnect,
     Error,
@@ -97,6 +98,8 @@ class Stats:
     accepted: int = 0
     completed: int = 0
     unknown_replies: int = 0
+    duplicate_outcomes: int = 0
+    internal_errors: int = 0
     workers_lost: int = 0
     requeued: int = 0
     retried: int = 0
@@ -137,6 +140,7 @@ class BrokerCore:
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
+        self._duplicates_reported = 0
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
         #: An outcome waits in :attr:`acks` for its job's acknowledgement.
@@ -262,6 +266,12 @@ class BrokerCore:
         for sched in [s for s in self.schedulers.values() if s.last_seen < deadline]:
             log.warning("scheduler %s stopped heartbeating; dropped", sched.name)
             del self.schedulers[sched.identity]
+        if self.stats.duplicate_outcomes != self._duplicates_reported:
+            log.info(
+                "%d second outcome(s) of finished jobs ignored (first outcome wins)",
+                self.stats.duplicate_outcomes - self._duplicates_reported,
+            )
+            self._duplicates_reported = self.stats.duplicate_outcomes
         heap = self._retry_heap
         while heap and heap[0][0] <= now:
             _, _, job = heapq.heappop(heap)
@@ -370,31 +380,62 @@ class BrokerCore:
     def _on_result(self, identity: bytes, worker: Worker | None, msg: Reply, now: float) -> None:
         if msg.result is None:
             return  # a worker acknowledging something: nothing to route
+        if worker is not None and msg.ref in worker.aborted:
+            # The JobCancelled outcome of a job we told this worker to drop.
+            worker.aborted.discard(msg.ref)
+            return
         job = self.jobs.get(msg.ref)
         if job is None:
-            self.stats.unknown_replies += 1
-            log.info(
-                "result for unknown or finished job %s from %s ignored",
-                msg.ref,
-                peer_name(identity),
-            )
+            if msg.ref in self._recent:
+                # A second outcome (a worker given up for lost finished it too,
+                # or re-sent it after a reconnect): the first one stands.
+                # Counted, logged one by one at debug level and summed up by tick():
+                # a worker that reconnects re-sends its recent outcomes.
+                self.stats.duplicate_outcomes += 1
+                log.debug(
+                    "second outcome for finished job %s from %s ignored",
+                    msg.ref,
+                    peer_name(identity),
+                )
+            else:
+                self.stats.unknown_replies += 1
+                log.info("result for unknown job %s from %s ignored", msg.ref, peer_name(identity))
             return
-        if job.worker is not None and job.worker.identity != identity:
-            # The job was given to another worker after this one was given up
-            # for lost; the first outcome to arrive is the one recorded.
+        outcome = msg.outcome()
+        error_type = outcome.error.type if outcome.error is not None else None
+        holder = job.worker
+        if holder is None or holder.identity != identity:
+            if error_type == "JobCancelled":
+                # Only the holder's cancellation counts: this one answers an
+                # ABORT sent before this worker re-registered.
+                self.stats.duplicate_outcomes += 1
+                return
+            # The job was requeued (and maybe given to another worker) after this
+            # one was given up for lost. The first outcome to arrive is the one
+            # recorded; a worker still running a copy is told to drop it.
             log.warning(
                 "result for job %s from %s, which no longer holds it; recorded",
                 job.id,
                 peer_name(identity),
             )
-        outcome = msg.outcome()
+            if holder is not None:
+                self._abort(holder, job.id, "finished elsewhere")
         if worker is not None:
             worker.processed += 1
-        error_type = outcome.error.type if outcome.error is not None else None
         if error_type is not None and error_type not in _FINAL_ERRORS and self._retries_left(job):
             self._retry_later(job, msg.result, error_type, now)
         else:
             self._finish(job, msg.result, error_type, now)
+
+    def _abort(self, worker: Worker, job_id: str, reason: str) -> None:
+        """Tell a corral worker to stop running ``job_id``; its outcome will be ignored."""
+        worker.running.pop(job_id, None)
+        if not worker.corral:
+            return  # EventMQ job managers cannot stop a job; its outcome counts as a duplicate
+        worker.aborted.add(job_id)
+        self.outbox.append(
+            (Dest.BACKEND, worker.identity, Abort(new_msgid(), job_id, reason).to_frames())
+        )
 
     def _retries_left(self, job: Job) -> bool:
         return job.attempts <= job.headers.retry_count
@@ -481,12 +522,13 @@ class BrokerCore:
             )
             return
         queues = msg.queues or self.config.default_queues
+        #: Jobs the worker says it still runs (corral workers; EventMQ's never say).
+        claims: list[str] = (msg.meta or {}).get("running", [])
         old = self.workers.get(identity)
         if old is not None:
             # A worker re-announcing itself (it lost us, or we lost it): its
             # slots start over; jobs it no longer holds are lost.
-            held = set((msg.meta or {}).get("running", ()))
-            self._remove_worker(old, now, reason="re-informed", keep=held)
+            self._remove_worker(old, now, reason="re-informed", keep=set(claims))
         worker = Worker(
             identity,
             queues,
@@ -494,29 +536,25 @@ class BrokerCore:
             id=self._worker_id(peer_name(identity)),
             corral=msg.meta is not None,
         )
-        if old is not None:
-            worker.running = {jid: job for jid, job in old.running.items()}
-            for job in worker.running.values():
-                job.worker = worker
         self.workers[identity] = worker
         self.dirty_workers[worker.name] = worker
         if old is None:
             self.notifications.append(("registered", self._worker_info(worker)))
+        else:
+            worker.aborted = old.aborted
         orphaned = self.orphans.pop(worker.name, None)
+        held = {job.id: job for job in orphaned[1]} if orphaned else {}
+        if old is not None:
+            held.update(old.running)
+        kept = 0
+        for job_id in claims:
+            if self._adopt(worker, held.pop(job_id, None) or self.jobs.get(job_id), job_id):
+                kept += 1
+        for job in held.values():
+            # Restored as running on this worker, which no longer has it.
+            self._job_lost(job, worker.name, now)
         if orphaned is not None:
-            # Back after a broker restart: it keeps the jobs it says it still runs.
-            held = set((msg.meta or {}).get("running", ()))
-            for job in orphaned[1]:
-                if job.id in held and job.state is JobState.RUNNING:
-                    job.worker = worker
-                    worker.running[job.id] = job
-                else:
-                    self._job_lost(job, worker.name, now)
-            log.info(
-                "worker %s is back after the restart and keeps %d job(s)",
-                worker.name,
-                len(worker.running),
-            )
+            log.info("worker %s is back after the restart and keeps %d job(s)", worker.name, kept)
         for weight, name in queues:
             self._queue(name).add(weight, worker)
         self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
@@ -525,6 +563,50 @@ class BrokerCore:
         log.info(
             "worker %s joined, queues %s", worker.name, ",".join(f"{n}:{w}" for w, n in queues)
         )
+
+    def _adopt(self, worker: Worker, job: Job | None, job_id: str) -> bool:
+        """A (re)joining worker says it runs ``job_id``: let it keep the job, or abort its copy.
+
+        It keeps the job if the job is still running on it (or on nobody, after
+        a restart) or waits in its queue (it was requeued when the worker was
+        given up for lost, but no one has started it). A job that is running
+        elsewhere, waiting out a retry, or finished is aborted on this worker,
+        so that no job runs twice because a lost worker came back.
+        """
+        identity = worker.identity
+        if job is not None and self.jobs.get(job_id) is job:
+            holder = job.worker
+            if job.state is JobState.RUNNING and (holder is None or holder.identity == identity):
+                job.worker = worker
+                worker.running[job_id] = job
+                return True
+            if job.state is JobState.QUEUED:
+                waiting = self.queues[job.queue].waiting
+                if job in waiting:
+                    waiting.remove(job)  # rare: only for a worker that comes back
+                job.state = JobState.RUNNING
+                job.worker = worker
+                job.worker_uuid, job.worker_id = worker.name, worker.id
+                worker.running[job_id] = job
+                self.dirty[job.id] = job
+                log.info("job %s stays with worker %s, which came back", job_id, worker.name)
+                return True
+        if job_id in self._recent:
+            where = "finished"
+        elif job is None or job_id not in self.jobs:
+            where = "unknown"
+        elif job.worker is not None:
+            where = f"running on {job.worker.name}"
+        else:
+            where = job.state.value
+        log.warning(
+            "worker %s came back still running job %s, which is %s; aborting its copy",
+            worker.name,
+            job_id,
+            where,
+        )
+        self._abort(worker, job_id, f"the job is {where}")
+        return False
 
     def _remove_worker(
         self, worker: Worker, now: float, *, reason: str, keep: set[str] | None = None
@@ -648,6 +730,8 @@ class BrokerCore:
             "jobs_retrying": len(self._retry_heap),
             "workers_awaited_after_restore": len(self.orphans),
             "unknown_replies": self.stats.unknown_replies,
+            "duplicate_outcomes": self.stats.duplicate_outcomes,
+            "internal_errors": self.stats.internal_errors,
             "malformed_messages": dict(self.stats.malformed),
         }
 
@@ -683,6 +767,19 @@ class BrokerCore:
         }
 
     # ------------------------------------------------------------ bad input
+
+    def internal_error(self, dest: Dest, frames: Sequence[bytes]) -> None:
+        """A handler raised (a bug): log it with its traceback, count it, tell the sender."""
+        self.stats.internal_errors += 1
+        log.exception(
+            "internal error while handling a message from %s on %s; the broker goes on",
+            peer_name(frames[0][:64]) if frames else "?",
+            dest.name.lower(),
+        )
+        if len(frames) > 4 and frames[3] != b"ERROR":
+            ref = frames[4].decode("utf-8", "replace")[:256]
+            error = Error(new_msgid(), "internal-error", "the broker failed on it", ref)
+            self.outbox.append((dest, frames[0], error.to_frames()))
 
     def _parse(self, dest: Dest, identity: bytes, frames: Sequence[bytes]) -> Message | None:
         try:
@@ -773,6 +870,8 @@ class BrokerCore:
         for w in snapshot.workers:
             self.worker_ids[w.uuid] = w.id
             self.next_worker_id = max(self.next_worker_id, w.id + 1)
+        for job_id in snapshot.finished_ids:
+            self._recent[job_id] = None
         grace = self.config.restore_grace
         if grace is None:
             grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
@@ -791,11 +890,13 @@ class BrokerCore:
                 heapq.heappush(self._retry_heap, (now, self._retry_seq, job))
             else:
                 self._enqueue(job, now)
-        if snapshot.jobs:
+        if snapshot.jobs or snapshot.workers:
             log.info(
-                "restored %d unfinished job(s) (%s); waiting up to %.0f s for %d worker(s)",
+                "restored %d unfinished job(s)%s and %d worker id(s); "
+                "waiting up to %.0f s for %d worker(s) that were running jobs",
                 len(snapshot.jobs),
-                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})" if counts else "",
+                len(snapshot.workers),
                 grace,
                 len(self.orphans),
             )
