@@ -103,8 +103,8 @@ _BROKER_OPTIONS = [
     click.option(
         "--restore",
         is_flag=True,
-        help="Insist on taking back a previous run's state (a broker always takes "
-        "back what its store holds; this flag only logs what was restored).",
+        help="Insist on taking back an earlier run's state: refuse to start on a store "
+        "that holds none. (A broker always takes back what its store holds.)",
     ),
 ]
 
@@ -211,12 +211,12 @@ def _make_broker(
         core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
     )
     try:
-        server.open_store()
+        server.open_store(require_state=restore)
         server.bind()
     except (StoreError, AddressInUse) as exc:
         server.close()
         raise click.ClickException(str(exc)) from None
-    log.info("store: %s%s", store.url, " (restored)" if restore else "")
+    log.info("store: %s", store.url)
     return server
 
 

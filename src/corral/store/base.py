@@ -52,6 +52,9 @@ class Snapshot(msgspec.Struct, kw_only=True):
     jobs: list[JobRecord]
     workers: list[WorkerRecord]
     next_worker_id: int = 1
+    #: Ids of the most recently submitted finished jobs, oldest first, so that a
+    #: restarted broker still refuses a REQUEST that reuses one.
+    finished_ids: list[str] = []
 
 
 class JobQuery(msgspec.Struct, kw_only=True):
@@ -71,8 +74,11 @@ class StoreError(RuntimeError):
 class Store(Protocol):
     url: str
 
-    def open(self) -> Snapshot:
-        """Create or open the store and return what a (re)starting broker needs."""
+    def open(self, recent: int = 100_000) -> Snapshot:
+        """Create or open the store and return what a (re)starting broker needs.
+
+        ``recent`` bounds :attr:`Snapshot.finished_ids` (default 100,000).
+        """
 
     def commit(
         self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
@@ -80,6 +86,9 @@ class Store(Protocol):
         """Write these records in one transaction (upserts by id / uuid)."""
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The records of those of ``job_ids`` the store has, in no particular order."""
 
     def query_jobs(self, query: JobQuery) -> list[JobRecord]: ...
 
