@@ -16,6 +16,7 @@ import msgspec
 from corral.broker.core import BrokerCore, Dest, job_record
 from corral.protocol import PROTOCOL, Query, encode_outcome_error, new_msgid
 from corral.store.base import JobQuery, JobRecord, Store
+from corral.store.query import FINISHED_STATES, matches
 
 log = logging.getLogger("corral.broker")
 
@@ -68,8 +69,13 @@ class QueryHandler:
         run_in_thread: Callable[..., Any],
         send: Callable[[list[tuple[Dest, bytes, list[bytes]]]], None],
         now: Callable[[], float],
+        unstored: Callable[[], dict[str, JobRecord]] = dict,
+        notify: str | None = None,
     ) -> None:
         self.core = core
+        self.unstored = unstored
+        #: The notification PUB endpoint, for clients that watch workers.
+        self.notify = notify
         self.store = store
         self.run_in_thread = run_in_thread
         self.send = send
@@ -115,6 +121,10 @@ class QueryHandler:
         job = self.core.jobs.get(job_id)
         if job is not None:
             return job_record(job, self.core.wall_offset)
+        # Whatever is not newer in memory now is in the store before the read below.
+        rec = self.unstored().get(job_id)
+        if rec is not None:
+            return rec
         return await self.run_in_thread(self.store.get_job, job_id)
 
     # ------------------------------------------------------------ ops
@@ -147,15 +157,50 @@ class QueryHandler:
             until=until,
             limit=limit,
         )
+        # The store lags the core by at most one commit: taken before the read,
+        # these records cover every change the read may miss.
+        newer = self.unstored()
         found = await self.run_in_thread(self.store.query_jobs, query)
-        # The store lags the core by at most one commit: show in-flight jobs as they are now.
-        views = []
-        for rec in found:
-            live = self.core.jobs.get(rec.id)
+        merged = {rec.id: rec for rec in found}
+        merged.update(newer)
+        for job_id in merged:
+            live = self.core.jobs.get(job_id)
             if live is not None:
-                rec = job_record(live, self.core.wall_offset)
-            views.append(job_view(rec, with_result=False))
-        return views
+                merged[job_id] = job_record(live, self.core.wall_offset)
+        records = sorted(
+            (rec for rec in merged.values() if matches(rec, query)),
+            key=lambda rec: rec.submitted,
+            reverse=True,
+        )
+        return [job_view(rec, with_result=False) for rec in records[:limit]]
+
+    async def op_outcomes(self, ids: list[str]) -> dict[str, Any]:
+        """How these jobs ended, for a client catching up after a reconnect.
+
+        ``finished`` maps the ids of finished jobs to their outcome; ids of jobs
+        still queued, running or retrying are left out (their outcome will be
+        sent as usual); ``unknown`` lists ids the broker has no record of.
+        """
+        if not isinstance(ids, list) or len(ids) > MAX_LIMIT:
+            raise QueryError("BadRequest", f"ids must be a list of at most {MAX_LIMIT} job ids")
+        wanted = [_job_id(i) for i in ids if i not in self.core.jobs]
+        newer = self.unstored()
+        records = {rec.id: rec for rec in await self.run_in_thread(self.store.get_jobs, wanted)}
+        records.update((i, newer[i]) for i in wanted if i in newer)
+        finished: dict[str, Any] = {}
+        unknown: list[str] = []
+        for job_id in wanted:
+            if job_id in self.core.jobs:
+                continue  # restored or retried meanwhile: it is not over
+            rec = records.get(job_id)
+            if rec is None:
+                unknown.append(job_id)
+            elif rec.state in FINISHED_STATES and rec.result is not None:
+                try:
+                    finished[job_id] = _outcome.decode(rec.result)
+                except msgspec.DecodeError:
+                    finished[job_id] = {"error": {"type": "BadResult", "message": "unreadable"}}
+        return {"finished": finished, "unknown": unknown}
 
     async def op_retry(self, id: str) -> dict[str, Any]:  # noqa: A002
         rec = await self._record(_job_id(id))
@@ -168,8 +213,20 @@ class QueryHandler:
             )
         return {"id": rec.id, "state": self.core.jobs[rec.id].state.value}
 
-    async def op_workers(self) -> dict[str, Any]:
-        return self.core.worker_map()
+    async def op_workers(self, probe: str | None = None) -> dict[str, Any]:
+        """The worker map; with ``probe``, also publish that topic in the same step.
+
+        A watcher that receives its probe on the notification socket knows its
+        subscription was active when this map was taken (see
+        :class:`corral.client.events.WorkerEvents`).
+        """
+        if probe is not None:
+            if not isinstance(probe, str) or not probe.startswith("probe:") or len(probe) > 100:
+                raise QueryError("BadRequest", "a probe is a string 'probe:...' of <= 100 chars")
+            if self.notify is None:
+                raise QueryError("NotAvailable", "this broker publishes no notices (--notify '')")
+            self.core.notifications.append((probe, {}))
+        return {**self.core.worker_map(), "notify": self.notify}
 
 
 def _job_id(value: Any) -> str:

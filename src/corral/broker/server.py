@@ -22,9 +22,9 @@ import msgspec
 import zmq
 
 from corral._loop import has_input, send_frames
-from corral.broker.core import BrokerCore, Dest
+from corral.broker.core import BrokerCore, Dest, job_record
 from corral.broker.queries import QueryHandler
-from corral.store.base import JobRecord, Store, WorkerRecord
+from corral.store.base import JobRecord, Store, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
 
 log = logging.getLogger("corral.broker")
@@ -72,7 +72,17 @@ class BrokerServer:
         self.commit_delay = commit_delay
         self._commit_timer: asyncio.TimerHandle | None = None
         self._readers: ThreadPoolExecutor | None = None
-        self.queries = QueryHandler(core, self.store, self._in_thread, self._answer, time.monotonic)
+        #: Records taken from the core for a commit that has not succeeded yet.
+        self._uncommitted: dict[str, JobRecord] = {}
+        self.queries = QueryHandler(
+            core,
+            self.store,
+            self._in_thread,
+            self._answer,
+            time.monotonic,
+            self.unstored_records,
+            notify,
+        )
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
@@ -86,9 +96,19 @@ class BrokerServer:
 
     # ------------------------------------------------------------ lifecycle
 
-    def open_store(self) -> None:
-        """Open the store and take back its state (raises StoreError with advice)."""
-        snapshot = self.store.open()
+    def open_store(self, *, require_state: bool = False) -> None:
+        """Open the store and take back its state (raises StoreError with advice).
+
+        ``require_state`` (``--restore``): refuse a store that holds nothing
+        from an earlier run, so a mistyped path does not start an empty broker.
+        """
+        snapshot = self.store.open(recent=self.core.config.recent_ids)
+        if require_state and not (snapshot.jobs or snapshot.workers or snapshot.finished_ids):
+            self.store.close()
+            raise StoreError(
+                f"--restore: the store {self.store.url} holds nothing from an earlier run "
+                f"(wrong --data-dir or --store?); start without --restore to begin empty"
+            )
         self.core.wall_offset = time.time() - time.monotonic()
         self.core.restore(snapshot, time.monotonic())
         if not isinstance(self.store, MemoryStore):
@@ -217,7 +237,10 @@ class BrokerServer:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            handler(frames[0], frames[1:], now)
+            try:
+                handler(frames[0], frames[1:], now)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the broker
+                core.internal_error(dest, frames)
         else:
             self._schedule_drain(dest)
         self._flush()
@@ -307,6 +330,8 @@ class BrokerServer:
             meta, acks = {**old_meta, **meta}, old_acks + acks
         if not (jobs or workers or meta or acks):
             return
+        for rec in jobs:
+            self._uncommitted[rec.id] = rec
         if self._executor is None or sync:
             try:
                 self.store.commit(jobs, workers, meta)
@@ -331,6 +356,8 @@ class BrokerServer:
             self._commit()
 
     def _committed(self, acks: list) -> None:
+        # Every record taken so far was in this batch: one commit runs at a time.
+        self._uncommitted.clear()
         self.commits += 1
         self._send(acks)
         self.core.released(acks)
@@ -345,6 +372,18 @@ class BrokerServer:
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)
+
+    def unstored_records(self) -> dict[str, JobRecord]:
+        """Jobs whose newest state the store does not have yet (it lags by one commit).
+
+        Queries read the store in another thread; laying these over what they
+        read lets a client that just received an outcome also read it back.
+        """
+        newer = dict(self._uncommitted)
+        offset = self.core.wall_offset
+        for job_id, job in self.core.dirty.items():
+            newer[job_id] = job_record(job, offset)
+        return newer
 
     def _tick(self) -> None:
         assert self._loop is not None
