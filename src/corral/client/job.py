@@ -37,6 +37,10 @@ class Job(Future[Any]):
         # Waiting in an Executor's local backlog (not yet handed to the client).
         self._held = False
         self._ack_event: threading.Event | None = None
+        #: Sent again after a reconnect (a duplicate-id refusal then means "accepted").
+        self._resent = False
+        #: A job the broker runs (not a QUERY): caught up on after a reconnect.
+        self._is_job = bool(queue)
 
     @property
     def acknowledged(self) -> bool:
@@ -63,6 +67,7 @@ class Job(Future[Any]):
         # Not through the Future's condition: a notify there makes a concurrent
         # result(timeout) give up with TimeoutError, as it assumes a notify means "done".
         self._acked = True
+        self._frames = None  # kept until now, to send again after a reconnect
         event = self._ack_event
         if event is not None:
             event.set()
@@ -71,6 +76,7 @@ class Job(Future[Any]):
         """Record the broker's answer: ``"value"``, ``"failed"`` or ``"refused"``."""
         # An outcome implies the broker had the job; a refusal says it did not.
         self._acked = kind != "refused"
+        self._frames = None
         try:
             if kind == "value":
                 self.set_result(payload)
@@ -91,7 +97,7 @@ class AsyncJob:
     waitable again; ``cancel()`` only stops waiting locally, the job still runs.
     """
 
-    __slots__ = ("id", "queue", "_future", "_acked", "_ack_event")
+    __slots__ = ("id", "queue", "_future", "_acked", "_ack_event", "_resent")
 
     def __init__(self, job_id: str, queue: str, future: asyncio.Future[Any]) -> None:
         #: The job's id (the REQUEST's MSGID).
@@ -101,6 +107,7 @@ class AsyncJob:
         self._future = future
         self._acked = False
         self._ack_event: asyncio.Event | None = None
+        self._resent = False
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.shield(self._future).__await__()

@@ -22,11 +22,13 @@ from time import monotonic
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
-from corral.client.wire import deliver
-from corral.errors import ClientClosed, NotAcknowledged
+from corral.client.wire import apply_outcomes, deliver, resync_queries
+from corral.errors import ClientClosed, JobFailed, NotAcknowledged
 from corral.protocol import Query, new_msgid
 
 log = logging.getLogger(__name__)
@@ -239,6 +241,25 @@ class Client:
         """Connected workers by integer id, and every uuid ever registered with its id."""
         return self.query("workers")
 
+    def watch_workers(self, timeout: float = 10.0) -> WorkerEvents:
+        """Subscribe to workers joining and leaving (see :class:`.WorkerEvents`).
+
+        The result's ``workers`` is the map of connected workers when the
+        notices start; iterate it (or call ``get(timeout)``) for each later
+        ``registered`` / ``unregistered`` notice. Raises ``TimeoutError`` if
+        the broker's notices cannot be reached within ``timeout`` seconds.
+        """
+        endpoint = self.workers().get("notify")
+        if not endpoint:
+            raise JobFailed("NotAvailable", "this broker publishes no notices (--notify '')")
+        events = WorkerEvents(notify_address(endpoint, self.address))
+        try:
+            events.join(lambda probe: self.query("workers", probe=probe), timeout)
+        except BaseException:
+            events.close()
+            raise
+        return events
+
     def map(
         self,
         fn: Any,
@@ -402,12 +423,25 @@ class _IOLoop:
         #: Sent jobs in send order, which is ack-deadline order.
         self.unacked: deque[Job] = deque()
         self.blocked = False
+        #: Connection events: after a reconnect the client catches up (see _resync).
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self.disconnected = False
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+
+    def _run(self) -> None:
         client, sock = self.client, self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(client._wake_r, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         wake_fd = client._wake_r.fileno()  # zmq.Poller reports plain sockets by fd
         while True:
             # `_signalled` is False only while we sleep in poll: a submitter that finds it
@@ -424,6 +458,8 @@ class _IOLoop:
             for item, _ in events:
                 if item == wake_fd:
                     self._drain_wake()
+                elif item is self.monitor:
+                    self._on_connection_events()
             if events and any(item is sock for item, _ in events):
                 self._receive()
             was_blocked = self.blocked
@@ -474,7 +510,8 @@ class _IOLoop:
                 self.blocked = True
                 return
             outbox.popleft()
-            job._frames = None
+            if not job._is_job:
+                job._frames = None  # a job keeps them until acknowledged (see _resync)
             pending[job.id] = job
             unacked.append(job)
         self.blocked = False
@@ -490,6 +527,60 @@ class _IOLoop:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         deliver(self.pending, frames)
+
+    def _on_connection_events(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self.disconnected = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.disconnected:
+                self.disconnected = False
+                self._resync()
+
+    def _resync(self) -> None:
+        """Catch up after a reconnect: the broker may have restarted while we were away.
+
+        Jobs not yet acknowledged may have died with the old connection, so
+        they are sent again (the same id: a broker that had one refuses it as a
+        duplicate, which counts as acknowledged). Outcomes produced while we
+        were away could not reach us, so the broker is asked how the other
+        jobs ended. Both go out on the new connection, ahead of anything else.
+        """
+        resent = 0
+        for job in self.unacked:
+            if job._frames is not None and not job._acked and not job.done():
+                job._resent = True
+                self._send_now(job._frames)
+                resent += 1
+        waiting = [jid for jid, job in self.pending.items() if job._is_job and job._acked]
+        for query in resync_queries(waiting):
+            answer = Job(query.msgid, "")
+            answer.add_done_callback(self._on_outcomes)
+            answer.set_running_or_notify_cancel()
+            self.pending[query.msgid] = answer
+            self._send_now(query.to_frames())
+        log.info(
+            "reconnected to %s: sent %d unacknowledged job(s) again, asked about %d",
+            self.client.address,
+            resent,
+            len(waiting),
+        )
+
+    def _send_now(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not catch up after a reconnect: the send queue is full")
+
+    def _on_outcomes(self, answer: Job) -> None:
+        # Runs on this I/O thread, inside deliver().
+        if answer.cancelled() or answer.exception() is not None:
+            log.warning("could not catch up after a reconnect: %s", answer.exception())
+            return
+        apply_outcomes(self.pending, answer.result())
 
     def _expire(self, now: float) -> None:
         unacked, pending = self.unacked, self.pending
