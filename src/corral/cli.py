@@ -101,6 +101,25 @@ _BROKER_OPTIONS = [
         "--fsync", is_flag=True, help="Survive power loss too (SQLite synchronous=FULL); slower."
     ),
     click.option(
+        "--retry-backoff",
+        default=1.0,
+        show_default=True,
+        help="Seconds before a failed job's first retry; doubles each attempt (with jitter).",
+    ),
+    click.option(
+        "--retry-backoff-cap",
+        default=300.0,
+        show_default=True,
+        help="Longest wait between retries, in seconds.",
+    ),
+    click.option(
+        "--restore-grace",
+        type=float,
+        default=None,
+        help="Seconds a restarted broker waits for a worker that was running jobs to come "
+        "back before those jobs count as lost [default: --liveness heartbeat intervals].",
+    ),
+    click.option(
         "--restore",
         is_flag=True,
         help="Insist on taking back an earlier run's state: refuse to start on a store "
@@ -192,6 +211,9 @@ def _make_broker(
     data_dir: str | None,
     fsync: bool,
     restore: bool,
+    retry_backoff: float,
+    retry_backoff_cap: float,
+    restore_grace: float | None,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
@@ -204,8 +226,17 @@ def _make_broker(
         store = open_store(store_url, fsync=fsync)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    if not 0 < retry_backoff <= retry_backoff_cap:
+        raise click.BadParameter("need 0 < --retry-backoff <= --retry-backoff-cap")
     core = BrokerCore(
-        BrokerConfig(heartbeat_interval=heartbeat, heartbeat_liveness=liveness, max_frame=max_frame)
+        BrokerConfig(
+            heartbeat_interval=heartbeat,
+            heartbeat_liveness=liveness,
+            max_frame=max_frame,
+            retry_backoff_base=retry_backoff,
+            retry_backoff_cap=retry_backoff_cap,
+            restore_grace=restore_grace,
+        )
     )
     server = BrokerServer(
         core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
@@ -309,6 +340,9 @@ _BROKER_KEYS = {
     "data_dir",
     "fsync",
     "restore",
+    "retry_backoff",
+    "retry_backoff_cap",
+    "restore_grace",
 }
 _WORKER_KEYS = {
     "backend",
