@@ -1,4 +1,4 @@
-"""The ``corral`` command: broker, worker, up, submit, status."""
+"""The ``corral`` command: broker, worker, up, gateway, submit, status."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Any
 
 import click
 
+from corral.gateway.command import BROKER_OPTIONS as GATEWAY_OPTIONS
+from corral.gateway.command import beside as gateway_beside
+from corral.gateway.command import gateway_command, gateway_for_broker
 from corral.protocol import DEFAULT_ADMIN, DEFAULT_BACKEND, DEFAULT_FRONTEND
 
 DEFAULT_NOTIFY = "tcp://127.0.0.1:47294"
@@ -299,10 +302,11 @@ def main() -> None:
 
 
 @main.command()
-@_options([*_BROKER_OPTIONS, _LOG_OPTION])
+@_options([*_BROKER_OPTIONS, *GATEWAY_OPTIONS, _LOG_OPTION])
 def broker(log_level: str, **opts: Any) -> None:
-    """Run a broker."""
+    """Run a broker (with --gateway, also the JSON-RPC gateway)."""
     _setup_logging(log_level)
+    gateway = gateway_for_broker(opts, max_frame=opts["max_frame"])
     server = _make_broker(**opts)
     log.info(
         "broker ready: frontend %s, backend %s, admin %s",
@@ -310,7 +314,12 @@ def broker(log_level: str, **opts: Any) -> None:
         opts["backend"],
         opts["admin"],
     )
-    asyncio.run(server.serve())
+
+    async def serve() -> None:
+        async with gateway_beside(gateway, server):
+            await server.serve()
+
+    asyncio.run(serve())
 
 
 @main.command()
@@ -358,12 +367,13 @@ _WORKER_KEYS = {
 
 
 @main.command()
-@_options([*_BROKER_OPTIONS, *_WORKER_OPTIONS, _LOG_OPTION])
+@_options([*_BROKER_OPTIONS, *_WORKER_OPTIONS, *GATEWAY_OPTIONS, _LOG_OPTION])
 def up(log_level: str, **opts: Any) -> None:
     """Run a broker and a worker together (the quickest way to start)."""
     _setup_logging(log_level)
     sys.path.insert(0, os.getcwd())
     opts["imports"] = ("corral.examples", *opts["imports"])
+    gateway = gateway_for_broker(opts, max_frame=opts["max_frame"])
     server = _make_broker(**{k: v for k, v in opts.items() if k in _BROKER_KEYS})
     w = _make_worker(**{k: v for k, v in opts.items() if k in _WORKER_KEYS})
     click.echo(_banner(opts["frontend"], opts["admin"], server.store.url))
@@ -371,7 +381,8 @@ def up(log_level: str, **opts: Any) -> None:
     async def both() -> None:
         worker_task = asyncio.ensure_future(w.run())
         try:
-            await server.serve()
+            async with gateway_beside(gateway, server):
+                await server.serve()
         finally:
             w.stop()
             await worker_task
@@ -561,3 +572,6 @@ def retry_cmd(job_id: str, address: str | None) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
     info = _client_call(address, "retry", job_id)
     click.echo(f"job {info['id']} is {info['state']} again")
+
+
+main.add_command(gateway_command)
