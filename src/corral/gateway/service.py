@@ -199,9 +199,17 @@ class Gateway:
                 raise _unavailable(exc) from None
             else:
                 raise _taken(tid)
+        if tid in self.owners:
+            raise _taken(tid)  # submitted through this gateway, not finished yet
+        # Known before sending: the outcome of a short task may arrive right
+        # behind its acknowledgement, before this call resumes.
+        self.owners[tid] = cid
+        if len(self.owners) > OWNERS_KEPT:
+            self.owners.popitem(last=False)
         try:
             await self.link.submit(Request(tid, queue, headers, body))
         except Refused as exc:
+            self.owners.pop(tid, None)
             if exc.reason == "duplicate-id":
                 raise _taken(tid) from None
             raise RpcError(
@@ -214,9 +222,6 @@ class Gateway:
                 f"ask client_task_status for task {tid}",
                 {"task_id": tid},
             ) from None
-        self.owners[tid] = cid
-        if len(self.owners) > OWNERS_KEPT:
-            self.owners.popitem(last=False)
         return tid
 
     async def client_task_status(self, client_id: Any, task_id: Any) -> int:
