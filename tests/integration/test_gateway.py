@@ -357,3 +357,71 @@ def test_ownership_survives_a_gateway_restart(cluster):
         assert info.value.code == -32020
     finally:
         rpc.close()
+
+
+def test_http_details(gw):
+    import socket
+
+    host, port = gw.http.rsplit(":", 1)
+
+    def exchange(data: bytes, sock: socket.socket | None = None) -> bytes:
+        own = sock is None
+        sock = sock or socket.create_connection((host, int(port)), timeout=5)
+        try:
+            sock.sendall(data)
+            out = b""
+            while b"\r\n\r\n" not in out:
+                out += sock.recv(65536)
+            head, _, body = out.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(h.split(b":")[1])
+                    for h in head.split(b"\r\n")
+                    if h.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            while len(body) < length:
+                body += sock.recv(65536)
+            return head.split(b"\r\n")[0] + b"\n" + body
+        finally:
+            if own:
+                sock.close()
+
+    call = b'{"jsonrpc":"2.0","method":"zerotask.broker.client_connect","id":1}'
+    post = b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+    # two requests on one connection (keep-alive)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        for _ in range(2):
+            answer = exchange(post % (len(call), call), sock)
+            assert answer.startswith(b"HTTP/1.1 200") and b'"result"' in answer
+    assert exchange(b"POST /rpc HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 411")
+    big = b"POST /rpc HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n"
+    assert exchange(big).startswith(b"HTTP/1.1 413")
+    assert exchange(b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert exchange(b"\xff\xfe / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    # what curl sends for a large body
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = b"POST /rpc HTTP/1.1\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+        sock.sendall(head % len(call))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        assert exchange(call, sock).startswith(b"HTTP/1.1 200")
+    # and curl itself, as in the README
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl:
+        done = subprocess.run(
+            [
+                curl,
+                "-s",
+                "-d",
+                '{"jsonrpc":"2.0","method":"zerotask.broker.client_connect",'
+                '"params":["curly"],"id":1}',
+                gw.url,
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        assert json.loads(done.stdout) == {"jsonrpc": "2.0", "result": "curly", "id": 1}

@@ -119,6 +119,10 @@ class HttpServer:
                 raise _BadRequest(505, "only HTTP/1.x is served")
             raise _BadRequest(400, "malformed request line")
         method, target, version = parts
+        if not (method.isascii() and method.isalpha() and method.isupper()):
+            raise _BadRequest(400, "malformed method")
+        if not target.startswith("/"):
+            raise _BadRequest(400, "malformed request target")
         headers = await self._headers(reader)
         keep = version == "HTTP/1.1"
         connection = headers.get("connection", "").lower()
