@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from corral._loop import SocketWatcher, has_input, send_frames
+from corral._loop import SocketWatcher, send_frames
 from corral.gateway import DEFAULT_HTTP, DEFAULT_PUB, DEFAULT_RPC
 from corral.gateway.http import HttpServer, parse_address
 from corral.gateway.link import BrokerLink
@@ -110,6 +110,8 @@ class GatewayServer:
             if cfg.rpc:
                 self._router = self._bind(zmq.ROUTER, cfg.rpc, "--rpc")
                 self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                # Up to twice the limit a message is read and refused with -32600;
+                # beyond that libzmq drops the connection before buffering it whole.
                 self._router.setsockopt(zmq.MAXMSGSIZE, cfg.max_request * 2 + 4096)
             if cfg.pub:
                 self._pub = self._bind(zmq.PUB, cfg.pub, "--rpc-pub")
@@ -315,8 +317,7 @@ class GatewayServer:
         except zmq.ZMQError as exc:
             self.send_failures += 1
             log.warning("could not send to the broker for node %s: %s", node.id, exc)
-        if has_input(sock):
-            watcher.kick()
+        watcher.kick()
 
     def _close_node(self, node: Node) -> None:
         entry = self._node_sockets.pop(node, None)
