@@ -214,8 +214,11 @@ def test_client_errors_and_ownership(cluster, gw, rpc):
     assert error(B + "client_task_status", ["bob", task])["code"] == -32020
     assert error(B + "client_task_result", ["bob", task])["code"] == -32020
     assert error("corral.task_info", ["bob", task])["code"] == -32020
-    assert error(B + "client_new_task", ["bob", "echo", [], task])["code"] == -32020
-    assert error(B + "client_new_task", ["alice", "echo", [], task])["code"] == -32020
+    taken = error(B + "client_new_task", ["bob", "echo", [], task])
+    assert taken["code"] == -32020 and taken["data"] == {"task_id": task}
+    taken = error(B + "client_new_task", ["alice", "echo", [], task])
+    assert taken["code"] == -32020
+    assert taken["data"] == {"task_id": task, "yours": True, "state": "queued"}
     for bad_task in ("no such", "", 7, "-x"):
         assert error(B + "client_task_status", ["alice", bad_task])["code"] == -32020
     assert error(B + "client_task_status", ["alice", "never-submitted"])["code"] == -32020

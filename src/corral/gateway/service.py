@@ -191,14 +191,14 @@ class Gateway:
             # finished longer ago is only in the store, and its record must not be
             # overwritten by someone else's task.
             try:
-                await self.link.query("job", id=tid, with_result=False)
+                existing = await self.link.query("job", id=tid, with_result=False)
             except QueryFailed as exc:
                 if exc.type != "NotFound":
                     raise _broker_error(exc) from None
             except BrokerUnavailable as exc:
                 raise _unavailable(exc) from None
             else:
-                raise _taken(tid)
+                raise _taken(tid, existing, cid)
         if tid in self.owners:
             raise _taken(tid)  # submitted through this gateway, not finished yet
         # Known before sending: the outcome of a short task may arrive right
@@ -408,7 +408,17 @@ def _unknown(tid: str) -> RpcError:
     )
 
 
-def _taken(tid: str) -> RpcError:
+def _taken(tid: str, existing: Any = None, cid: str | None = None) -> RpcError:
+    """-32020 for a task id in use; the caller's own task says so (and its state),
+    so a client that re-sends after a timeout knows its first attempt went through."""
+    if isinstance(existing, dict) and cid is not None:
+        if zerotask.owner_of(str(existing.get("headers", ""))) == cid:
+            state = existing.get("state")
+            return RpcError(
+                zerotask.INVALID_TASK,
+                f"task id {tid!r} is taken by a task of yours ({state})",
+                {"task_id": tid, "yours": True, "state": state},
+            )
     return RpcError(zerotask.INVALID_TASK, f"task id {tid!r} is taken", {"task_id": tid})
 
 
