@@ -96,7 +96,10 @@ class BrokerLink:
     async def query(self, op: str, **params: Any) -> Any:
         """Ask the broker a QUERY ``op``; its answer, or :class:`QueryFailed`."""
         msg = Query(new_msgid(), op, params)
-        raw = await self._call(msg.msgid, msg.to_frames())
+        try:
+            raw = await self._call(msg.msgid, msg.to_frames())
+        except Refused as exc:
+            raise QueryFailed("Refused", str(exc)) from None
         if raw is None:
             raise QueryFailed("BadAnswer", "the broker acknowledged a QUERY instead of answering")
         try:
@@ -113,8 +116,11 @@ class BrokerLink:
     async def _call(self, msgid: str, frames: list[bytes]) -> Any:
         if self._sock is None:
             raise BrokerUnavailable("the link to the broker is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[msgid] = future
+        # A timer per call rather than asyncio.wait_for, which wraps each wait in a task.
+        timer = loop.call_later(self.timeout, self._expire, future)
         try:
             try:
                 send_frames(self._sock, frames)
@@ -122,14 +128,18 @@ class BrokerLink:
                 raise BrokerUnavailable(f"could not send to the broker: {exc}") from None
             if self._watcher is not None:
                 self._watcher.kick()
-            try:
-                return await asyncio.wait_for(future, self.timeout)
-            except TimeoutError:
-                raise BrokerUnavailable(
-                    f"the broker at {self.address} did not answer within {self.timeout:g} s"
-                ) from None
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop(msgid, None)
+
+    def _expire(self, future: asyncio.Future[Any]) -> None:
+        if not future.done():
+            future.set_exception(
+                BrokerUnavailable(
+                    f"the broker at {self.address} did not answer within {self.timeout:g} s"
+                )
+            )
 
     def _on_frames(self, frames: list[bytes]) -> None:
         try:
