@@ -388,7 +388,7 @@ class NodeBook:
         for node in list(self.nodes.values()):
             self._drop(node, "the gateway is stopping")
 
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------ internals
 
     def _queues(self, queues: Any, methods: Any) -> tuple[tuple[int, str], ...]:
         out: list[tuple[int, str]] = []
