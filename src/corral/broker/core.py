@@ -139,7 +139,20 @@ class BrokerCore:
         #: Jobs restored as running, by the uuid of the worker that had them,
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        #: Recently finished jobs: id -> final state (``None`` when restored from the
+        #: store by id only). Refuses reused ids and answers dependency checks.
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
+        #: Identities (besides the submitter) that want a job's outcome, by job id.
+        self.listeners: dict[str, set[bytes]] = {}
+        #: Jobs waiting for a job (``after:ID``) to end, by that job's id.
+        self.dependents: dict[str, list[Job]] = {}
+        #: Ids of finished jobs whose final state the shell must read from the store
+        #: and hand to :meth:`resolve_dependency`.
+        self.lookups: list[str] = []
+        self._looking_up: set[str] = set()
+        #: Jobs that just ended, whose dependents are still to be told (see _finish).
+        self._ended: list[Job] = []
+        self._settling = False
         self._duplicates_reported = 0
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
@@ -318,6 +331,16 @@ class BrokerCore:
                 msg.msgid,
             )
             return
+        after = msg.headers.get_all("after")
+        if after and (msg.msgid in after or len(after) > MAX_DEPENDENCIES):
+            self._refuse(
+                Dest.FRONTEND,
+                identity,
+                "bad-header",
+                f"a job waits for 1-{MAX_DEPENDENCIES} other jobs, never for itself",
+                msg.msgid,
+            )
+            return
         job = Job(msg.msgid, msg.queue, msg.headers, list(frames[4:7]), identity, now)
         job.submitted_at = now + self.wall_offset
         job.label = msg.headers.get("label")
@@ -328,7 +351,92 @@ class BrokerCore:
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
         )
-        self._enqueue(job, now)
+        if after:
+            self._wait_for(job, after, now)
+        else:
+            self._enqueue(job, now)
+
+    # ------------------------------------------------------------ dependencies
+
+    def _wait_for(self, job: Job, after: list[str], now: float) -> None:
+        """Hold ``job`` until every job in ``after`` succeeded; fail it if one cannot."""
+        job.state = JobState.QUEUED
+        job.waiting_on = set()
+        for dep in after:
+            if dep in self.jobs:
+                pass  # still to run, or running
+            elif self._recent.get(dep) == JobState.SUCCEEDED.value:
+                continue
+            elif self._recent.get(dep) is not None:
+                self._dependency_failed(job, dep, self._recent[dep], now)
+                return
+            elif dep not in self._looking_up:
+                # Finished too long ago to be remembered, or never submitted: ask the store.
+                self._looking_up.add(dep)
+                self.lookups.append(dep)
+            job.waiting_on.add(dep)
+            self.dependents.setdefault(dep, []).append(job)
+        if not job.waiting_on:
+            job.waiting_on = None
+            self._enqueue(job, now)
+
+    def resolve_dependency(self, dep: str, state: str | None, now: float) -> None:
+        """The store's answer to a lookup: ``dep``'s final state, or ``None`` (no such job)."""
+        self._looking_up.discard(dep)
+        if dep in self.jobs:
+            return  # it arrived (or was retried) meanwhile: its end will settle its dependents
+        if state is not None:
+            self._recent.setdefault(dep, state)
+        self._settle_dependents(dep, state or "unknown", now)
+
+    def _settle_dependents(self, dep: str, state: str, now: float) -> None:
+        for job in self.dependents.pop(dep, ()):
+            if self.jobs.get(job.id) is not job or job.waiting_on is None:
+                continue  # ended meanwhile (cancelled, or another dependency failed)
+            if state == JobState.SUCCEEDED.value:
+                job.waiting_on.discard(dep)
+                if not job.waiting_on:
+                    job.waiting_on = None
+                    self._enqueue(job, now)
+            else:
+                self._dependency_failed(job, dep, state, now)
+
+    def _dependency_failed(self, job: Job, dep: str, state: str, now: float) -> None:
+        why = "there is no such job" if state == "unknown" else f"it ended {state}"
+        result = encode_outcome_error(
+            "DependencyFailed", f"job {job.id} waited for job {dep}, but {why}"
+        )
+        job.waiting_on = None
+        self._finish(job, result, "DependencyFailed", now)
+
+    # ------------------------------------------------------------ listeners and cancelling
+
+    def listen(self, job_id: str, identity: bytes) -> bool:
+        """Send ``job_id``'s outcome to ``identity`` too when it ends; ``False`` if it has ended."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if identity != job.submitter or not job.headers.reply_requested:
+            self.listeners.setdefault(job_id, set()).add(identity)
+        return True
+
+    def cancel(self, job_id: str, now: float) -> str | None:
+        """Cancel a job that has not ended; return the state it was in, or ``None``.
+
+        A queued or retrying job never runs; a running one is aborted on its
+        worker (its process is killed). Either way it ends ``cancelled`` at once.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        previous = job.state.value
+        if job.state is JobState.RUNNING and job.worker is not None:
+            self._abort(job.worker, job.id, "cancelled")
+            job.worker = None
+        result = encode_outcome_error("JobCancelled", f"job {job.id} was cancelled ({previous})")
+        self._finish(job, result, "JobCancelled", now)
+        log.info("job %s cancelled (it was %s)", job.id, previous)
+        return previous
 
     def _enqueue(self, job: Job, now: float, front: bool = False) -> None:
         queue = self._queue(job.queue)
@@ -466,15 +574,12 @@ class BrokerCore:
 
     def _finish(self, job: Job, result: bytes, error_type: str | None, now: float) -> None:
         del self.jobs[job.id]
-        if job.state is JobState.QUEUED:
-            # Only after a restart: the store said "queued" but the job had run and its
-            # worker re-sent the outcome. Rare, so a linear removal is fine.
+        if job.state is JobState.QUEUED and job.waiting_on is None:
+            # Cancelled, or after a restart: the store said "queued" but the job had run
+            # and its worker re-sent the outcome. Rare, so a linear removal is fine.
             waiting = self.queues[job.queue].waiting
             if job in waiting:
                 waiting.remove(job)
-        self._recent[job.id] = None
-        if len(self._recent) > self.config.recent_ids:
-            self._recent.popitem(last=False)
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
@@ -488,6 +593,10 @@ class BrokerCore:
             self.stats.dead += 1
         else:
             job.state = JobState.FAILED
+        self._recent[job.id] = job.state.value
+        if len(self._recent) > self.config.recent_ids:
+            self._recent.popitem(last=False)
+        job.waiting_on = None
         job.completed = now
         job.received_at = job.completed_at = now + self.wall_offset
         job.result = result
@@ -512,6 +621,26 @@ class BrokerCore:
                 self.held_results = True
             else:
                 self.outbox.append(reply)
+        for identity in self.listeners.pop(job.id, ()):
+            self.outbox.append(
+                (
+                    Dest.FRONTEND,
+                    identity,
+                    [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
+                )
+            )
+        # Dependents are told in a loop, not by recursion: a failure can run down a
+        # long chain of jobs that wait for each other.
+        self._ended.append(job)
+        if not self._settling:
+            self._settling = True
+            try:
+                while self._ended:
+                    ended = self._ended.pop()
+                    if ended.id in self.dependents:
+                        self._settle_dependents(ended.id, ended.state.value, now)
+            finally:
+                self._settling = False
 
     # ------------------------------------------------------------ workers
 
@@ -876,6 +1005,7 @@ class BrokerCore:
         if grace is None:
             grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
         counts: Counter[str] = Counter()
+        blocked: list[Job] = []
         for rec in snapshot.jobs:
             job = job_from_record(rec, now, self.wall_offset)
             self.jobs[job.id] = job
@@ -888,8 +1018,12 @@ class BrokerCore:
                 job.not_before = now
                 self._retry_seq += 1
                 heapq.heappush(self._retry_heap, (now, self._retry_seq, job))
+            elif job.state is JobState.QUEUED and job.headers.get_all("after"):
+                blocked.append(job)  # its dependencies are checked once all jobs are back
             else:
                 self._enqueue(job, now)
+        for job in blocked:
+            self._wait_for(job, job.headers.get_all("after"), now)
         if snapshot.jobs or snapshot.workers:
             log.info(
                 "restored %d unfinished job(s)%s and %d worker id(s); "
@@ -911,12 +1045,20 @@ class BrokerCore:
         job.error_type = None
         self._recent.pop(job.id, None)
         self.jobs[job.id] = job
-        self._enqueue(job, now)
+        after = job.headers.get_all("after")
+        if after:
+            self._wait_for(job, after, now)  # retry what it waits for first
+        else:
+            self._enqueue(job, now)
         return True
 
 
 #: Errors that no retry can mend.
-_FINAL_ERRORS = frozenset({"NotAllowed", "NotFound", "BadRequest", "JobCancelled"})
+_FINAL_ERRORS = frozenset(
+    {"NotAllowed", "NotFound", "BadRequest", "JobCancelled", "DependencyFailed"}
+)
+#: Most jobs one job may wait for (``after:ID`` headers).
+MAX_DEPENDENCIES = 1000
 
 
 def job_record(job: Job, wall_offset: float = 0.0) -> JobRecord:
