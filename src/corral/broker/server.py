@@ -31,6 +31,16 @@ log = logging.getLogger("corral.broker")
 
 #: Messages handled per socket before the loop gets a chance to do other work.
 BATCH = 256
+#: Seconds after start, and then between, purges of expired job records.
+PURGE_FIRST = 60.0
+PURGE_EVERY = 3600.0
+#: Records deleted per store transaction by a purge.
+PURGE_BATCH = 5000
+
+
+def _log_purge_failure(task: asyncio.Future[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not purge expired job records: %s", task.exception())
 
 
 class AddressInUse(RuntimeError):
@@ -53,6 +63,7 @@ class BrokerServer:
         notify: str | None = None,
         store: Store | None = None,
         commit_delay: float = 0.002,
+        retention: float | None = 7 * 86400.0,
         context: zmq.Context | None = None,
     ) -> None:
         self.core = core
@@ -82,7 +93,11 @@ class BrokerServer:
             time.monotonic,
             self.unstored_records,
             notify,
+            self.purge,
         )
+        #: Seconds a finished job's record is kept (``None``: forever).
+        self.retention = retention
+        self._purge_timer: asyncio.TimerHandle | None = None
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
@@ -175,6 +190,8 @@ class BrokerServer:
             except (ValueError, RuntimeError):
                 pass  # not the main thread: the owner stops us
         self._tick()
+        if self.retention is not None:
+            self._purge_timer = self._loop.call_later(PURGE_FIRST, self._purge_expired)
         for dest in self.sockets:
             self._drain(dest)
         if self.on_bound:
@@ -193,6 +210,8 @@ class BrokerServer:
         assert self._loop is not None
         if self._timer:
             self._timer.cancel()
+        if self._purge_timer:
+            self._purge_timer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._loop.remove_signal_handler(sig)
@@ -266,6 +285,9 @@ class BrokerServer:
             queries, core.queries = core.queries, []
             for identity, query in queries:
                 self.queries.handle(identity, query)
+        if core.lookups:
+            lookups, core.lookups = core.lookups, []
+            asyncio.ensure_future(self._look_up(lookups))
         if core.acks or core.dirty or core.dirty_workers:
             self._schedule_commit()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
@@ -372,6 +394,53 @@ class BrokerServer:
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)
+
+    # ------------------------------------------------------------ store reads and upkeep
+
+    async def _look_up(self, job_ids: list[str]) -> None:
+        """Tell the core how jobs it does not remember ended (for jobs waiting on them)."""
+        newer = self.unstored_records()
+        try:
+            found = {rec.id: rec for rec in await self._in_thread(self.store.get_jobs, job_ids)}
+        except Exception:  # noqa: BLE001 - retried: the dependents must not wait forever
+            log.exception("could not read %d job(s) from the store; trying again", len(job_ids))
+            assert self._loop is not None
+            self._loop.call_later(1.0, lambda: asyncio.ensure_future(self._look_up(job_ids)))
+            return
+        found.update((i, newer[i]) for i in job_ids if i in newer)
+        now = time.monotonic()
+        for job_id in job_ids:
+            rec = found.get(job_id)
+            self.core.resolve_dependency(job_id, rec.state if rec else None, now)
+        self._flush()
+
+    async def purge(self, older_than: float) -> int:
+        """Delete records of jobs that ended over ``older_than`` s ago; return how many.
+
+        Runs in the writer thread, in batches, so commits go on in between.
+        """
+        cutoff = time.time() - older_than
+        total = 0
+        while True:
+            if self._executor is None:
+                count = self.store.purge(cutoff, PURGE_BATCH)
+            else:
+                assert self._loop is not None
+                count = await self._loop.run_in_executor(
+                    self._executor, self.store.purge, cutoff, PURGE_BATCH
+                )
+            total += count
+            if count < PURGE_BATCH:
+                break
+        if total:
+            log.info("purged %d job record(s) that ended over %.0f s ago", total, older_than)
+        return total
+
+    def _purge_expired(self) -> None:
+        assert self._loop is not None and self.retention is not None
+        self._purge_timer = self._loop.call_later(PURGE_EVERY, self._purge_expired)
+        task = asyncio.ensure_future(self.purge(self.retention))
+        task.add_done_callback(_log_purge_failure)
 
     def unstored_records(self) -> dict[str, JobRecord]:
         """Jobs whose newest state the store does not have yet (it lags by one commit).

@@ -92,8 +92,12 @@ class Store(Protocol):
 
     def query_jobs(self, query: JobQuery) -> list[JobRecord]: ...
 
-    def purge(self, finished_before: float) -> int:
-        """Delete finished jobs completed before this time; return how many."""
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
+        """Delete up to ``limit`` finished jobs completed before this time; return how many.
+
+        Called from the writer thread only, repeatedly until it returns less
+        than ``limit``, so that commits go on between two batches.
+        """
 
     def close(self) -> None: ...
 

@@ -46,12 +46,12 @@ class MemoryStore:
         found.sort(key=lambda j: j.submitted, reverse=True)
         return found[: query.limit]
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
         old = [
             j.id
             for j in self.jobs.values()
             if j.state in FINISHED_STATES and (j.completed or j.submitted) < finished_before
-        ]
+        ][:limit]
         for job_id in old:
             del self.jobs[job_id]
         return len(old)
