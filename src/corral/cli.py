@@ -1,4 +1,4 @@
-"""The ``corral`` command: broker, worker, up, submit, status."""
+"""The ``corral`` command: broker, worker, up, submit, status, and job records and control."""
 
 from __future__ import annotations
 
@@ -25,6 +25,25 @@ def _setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_duration(text: str, option: str = "duration") -> float:
+    """``"90"`` or ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` -> seconds."""
+    value = text.strip().lower()
+    scale = _UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use a number of seconds or e.g. 30m, 12h, 7d", param_hint=option
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise click.BadParameter(f"{text!r} must be >= 0", param_hint=option)
+    return seconds
 
 
 def parse_queues(text: str) -> tuple[tuple[int, str], ...]:
@@ -118,6 +137,14 @@ _BROKER_OPTIONS = [
         default=None,
         help="Seconds a restarted broker waits for a worker that was running jobs to come "
         "back before those jobs count as lost [default: --liveness heartbeat intervals].",
+    ),
+    click.option(
+        "--retention",
+        default="7d",
+        show_default=True,
+        metavar="DURATION",
+        help="How long records and results of finished jobs are kept (e.g. 12h, 7d; "
+        "'forever' keeps them).",
     ),
     click.option(
         "--restore",
@@ -214,6 +241,7 @@ def _make_broker(
     retry_backoff: float,
     retry_backoff_cap: float,
     restore_grace: float | None,
+    retention: str,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
@@ -238,8 +266,17 @@ def _make_broker(
             restore_grace=restore_grace,
         )
     )
+    keep = (
+        None if retention.strip().lower() == "forever" else parse_duration(retention, "--retention")
+    )
     server = BrokerServer(
-        core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
+        core,
+        frontend=frontend,
+        backend=backend,
+        admin=admin,
+        notify=notify or None,
+        store=store,
+        retention=keep,
     )
     try:
         server.open_store(require_state=restore)
@@ -343,6 +380,7 @@ _BROKER_KEYS = {
     "retry_backoff",
     "retry_backoff_cap",
     "restore_grace",
+    "retention",
 }
 _WORKER_KEYS = {
     "backend",
@@ -528,7 +566,11 @@ def job_cmd(job_id: str, address: str | None, as_json: bool) -> None:
 )
 @click.option("--dead", is_flag=True, help="Only dead jobs (the dead-letter set).")
 @click.option("--queue", "-q", default=None)
-@click.option("--label", default=None)
+@click.option("--label", default=None, help="Only jobs submitted with this label.")
+@click.option("--worker", "worker_id", type=int, default=None, help="Only jobs of this worker id.")
+@click.option(
+    "--since", default=None, metavar="DURATION", help="Only jobs submitted this long ago or since."
+)
 @click.option("--limit", "-n", default=50, show_default=True)
 @_BROKER_OPTION
 @_JSON_OPTION
@@ -537,14 +579,25 @@ def jobs_cmd(
     dead: bool,
     queue: str | None,
     label: str | None,
+    worker_id: int | None,
+    since: str | None,
     limit: int,
     address: str | None,
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
+    import time
+
     states = [*state, *(["dead"] if dead else [])]
     found = _client_call(
-        address, "jobs", state=states or None, queue=queue, label=label, limit=limit
+        address,
+        "jobs",
+        state=states or None,
+        queue=queue,
+        label=label,
+        worker_id=worker_id,
+        since=None if since is None else time.time() - parse_duration(since, "--since"),
+        limit=limit,
     )
     if as_json:
         click.echo(json.dumps(found, indent=2, sort_keys=True))
@@ -552,6 +605,37 @@ def jobs_cmd(
     from corral.display import print_jobs
 
     print_jobs(found)
+
+
+@main.command("cancel")
+@click.argument("job_id")
+@_BROKER_OPTION
+@_JSON_OPTION
+def cancel_cmd(job_id: str, address: str | None, as_json: bool) -> None:
+    """Cancel a job: a queued one never runs, a running one's process is killed."""
+    answer = _client_call(address, "cancel", job_id)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+    elif answer["cancelled"]:
+        click.echo(f"job {answer['id']} cancelled (it was {answer['was']})")
+    else:
+        click.echo(answer["detail"])
+
+
+@main.command("purge")
+@click.option(
+    "--older-than",
+    default="7d",
+    show_default=True,
+    metavar="DURATION",
+    help="Delete records of jobs that ended longer ago than this (e.g. 90s, 30m, 12h, 7d).",
+)
+@_BROKER_OPTION
+def purge_cmd(older_than: str, address: str | None) -> None:
+    """Delete the records (and results) of jobs that ended long ago."""
+    seconds = parse_duration(older_than, "--older-than")
+    purged = _client_call(address, "purge", seconds)
+    click.echo(f"purged {purged} job record(s) that ended over {older_than} ago")
 
 
 @main.command("retry")
