@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from corral.broker.core import BrokerCore, Dest, job_record
+from corral.broker.model import JobState
 from corral.protocol import PROTOCOL, Query, encode_outcome_error, new_msgid
 from corral.store.base import JobQuery, JobRecord, Store
 from corral.store.query import FINISHED_STATES, matches
@@ -24,6 +25,7 @@ log = logging.getLogger("corral.broker")
 
 _outcome = msgspec.json.Decoder()
 MAX_LIMIT = 10_000
+_STATES = frozenset(state.value for state in JobState)
 #: The identity of the client whose QUERY the current task answers.
 _caller: ContextVar[bytes] = ContextVar("caller", default=b"")
 
@@ -159,9 +161,20 @@ class QueryHandler:
         until: float | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        states = [state] if isinstance(state, str) else list(state or [])
-        if not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
+        states = [state] if isinstance(state, str) else state or []
+        if not isinstance(states, list) or not all(s in _STATES for s in states):
+            raise QueryError("BadRequest", f"state must be one or a list of {sorted(_STATES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
             raise QueryError("BadRequest", f"limit must be 1..{MAX_LIMIT}")
+        for name, value, kind in (
+            ("queue", queue, str),
+            ("label", label, str),
+            ("worker_id", worker_id, int),
+            ("since", since, int | float),
+            ("until", until, int | float),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise QueryError("BadRequest", f"{name} has the wrong type")
         query = JobQuery(
             states=states,
             queue=queue,
