@@ -406,7 +406,6 @@ class BrokerCore:
         result = encode_outcome_error(
             "DependencyFailed", f"job {job.id} waited for job {dep}, but {why}"
         )
-        job.waiting_on = None
         self._finish(job, result, "DependencyFailed", now)
 
     # ------------------------------------------------------------ listeners and cancelling
@@ -577,9 +576,9 @@ class BrokerCore:
         if job.state is JobState.QUEUED and job.waiting_on is None:
             # Cancelled, or after a restart: the store said "queued" but the job had run
             # and its worker re-sent the outcome. Rare, so a linear removal is fine.
-            waiting = self.queues[job.queue].waiting
-            if job in waiting:
-                waiting.remove(job)
+            queue = self.queues.get(job.queue)
+            if queue is not None and job in queue.waiting:
+                queue.waiting.remove(job)
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
@@ -707,12 +706,17 @@ class BrokerCore:
             holder = job.worker
             if job.state is JobState.RUNNING and (holder is None or holder.identity == identity):
                 job.worker = worker
+                if job.worker_uuid != worker.name:
+                    # The store named another worker (it lagged): that one no longer
+                    # waits for this job.
+                    self._disown(job)
+                    job.worker_uuid, job.worker_id = worker.name, worker.id
+                    self.dirty[job.id] = job
                 worker.running[job_id] = job
                 return True
-            if job.state is JobState.QUEUED:
-                waiting = self.queues[job.queue].waiting
-                if job in waiting:
-                    waiting.remove(job)  # rare: only for a worker that comes back
+            queue = self.queues.get(job.queue)
+            if job.state is JobState.QUEUED and queue is not None and job in queue.waiting:
+                queue.waiting.remove(job)  # rare: only for a worker that comes back
                 job.state = JobState.RUNNING
                 job.worker = worker
                 job.worker_uuid, job.worker_id = worker.name, worker.id
@@ -737,6 +741,14 @@ class BrokerCore:
         self._abort(worker, job_id, f"the job is {where}")
         return False
 
+    def _disown(self, job: Job) -> None:
+        """Take ``job`` off the list of a restored worker that is still awaited."""
+        orphaned = self.orphans.get(job.worker_uuid or "")
+        if orphaned is not None and job in orphaned[1]:
+            orphaned[1].remove(job)
+            if not orphaned[1]:
+                del self.orphans[job.worker_uuid or ""]
+
     def _remove_worker(
         self, worker: Worker, now: float, *, reason: str, keep: set[str] | None = None
     ) -> None:
@@ -757,6 +769,8 @@ class BrokerCore:
     def _job_lost(self, job: Job, worker_name: str, now: float) -> None:
         if self.jobs.get(job.id) is not job or job.state is not JobState.RUNNING:
             return  # finished meanwhile (its outcome arrived first)
+        if job.worker is not None and job.worker.name != worker_name:
+            return  # another worker has it (it said so when it came back)
         job.worker = None
         if job.headers.guarantee or self._retries_left(job):
             self.stats.requeued += 1
