@@ -16,13 +16,6 @@ from tests.integration.procs import corral_cmd, wait_for
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def up(cluster):
-    cluster.broker()
-    cluster.worker(concurrency=2, imports=("corral.examples", "tests.jobs"))
-    return cluster
-
-
 def cli(cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         corral_cmd(*args, "--broker", cluster.addrs.frontend),
