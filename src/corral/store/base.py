@@ -46,12 +46,39 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     active: bool = True
 
 
+class ScheduleRecord(msgspec.Struct, kw_only=True):
+    """A schedule and how far it has run; times in ms since the epoch unless noted."""
+
+    id: str
+    #: ``active``, ``unscheduled`` or ``finished`` (its run count is used up).
+    state: str
+    queue: str
+    headers: str
+    #: Seconds between ticks, or -1 for a cron schedule.
+    interval: int
+    cron: str
+    body: bytes
+    #: When it was scheduled or last redefined: its first tick and its interval grid.
+    anchor: int
+    #: The latest tick fired or skipped.
+    last_tick: int | None = None
+    #: The latest tick fired.
+    last_run: int | None = None
+    runs: int = 0
+    #: The EventMQ scheduler that ran it, if one did.
+    owner: str | None = None
+    #: Seconds since the epoch.
+    created: float
+    updated: float
+
+
 class Snapshot(msgspec.Struct, kw_only=True):
-    """A store's content at start: unfinished jobs, the worker map, counters."""
+    """A store's content at start: unfinished jobs, the worker map, active schedules, counters."""
 
     jobs: list[JobRecord]
     workers: list[WorkerRecord]
     next_worker_id: int = 1
+    schedules: list[ScheduleRecord] = []
 
 
 class JobQuery(msgspec.Struct, kw_only=True):
@@ -75,7 +102,11 @@ class Store(Protocol):
         """Create or open the store and return what a (re)starting broker needs."""
 
     def commit(
-        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+        self,
+        jobs: Sequence[JobRecord],
+        workers: Sequence[WorkerRecord],
+        meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord] = (),
     ) -> None:
         """Write these records in one transaction (upserts by id / uuid)."""
 

@@ -14,7 +14,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from corral.store.base import JobQuery, JobRecord, Snapshot, StoreError, WorkerRecord
+from corral.store.base import (
+    JobQuery,
+    JobRecord,
+    ScheduleRecord,
+    Snapshot,
+    StoreError,
+    WorkerRecord,
+)
 
 SCHEMA_VERSION = 1
 
@@ -50,6 +57,22 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen REAL NOT NULL,
     active INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    interval INTEGER NOT NULL,
+    cron TEXT NOT NULL,
+    body BLOB NOT NULL,
+    anchor INTEGER NOT NULL,
+    last_tick INTEGER,
+    last_run INTEGER,
+    runs INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
 """
 
 _JOB_FIELDS = JobRecord.__struct_fields__
@@ -63,6 +86,12 @@ _WORKER_UPSERT = (
     f"INSERT INTO workers ({', '.join(_WORKER_FIELDS)}) "
     f"VALUES ({', '.join('?' * len(_WORKER_FIELDS))}) ON CONFLICT(uuid) DO UPDATE SET "
     + ", ".join(f"{f} = excluded.{f}" for f in _WORKER_FIELDS if f != "uuid")
+)
+_SCHEDULE_FIELDS = ScheduleRecord.__struct_fields__
+_SCHEDULE_UPSERT = (
+    f"INSERT INTO schedules ({', '.join(_SCHEDULE_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_SCHEDULE_FIELDS))}) ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in _SCHEDULE_FIELDS if f != "id")
 )
 _FINISHED = ("succeeded", "failed", "cancelled", "dead")
 
@@ -146,6 +175,13 @@ class SQLiteStore:
             for w in workers:
                 w.active = bool(w.active)
             row = conn.execute("SELECT value FROM meta WHERE key = 'next_worker_id'").fetchone()
+            schedules = [
+                ScheduleRecord(**dict(zip(_SCHEDULE_FIELDS, r, strict=True)))
+                for r in conn.execute(
+                    f"SELECT {', '.join(_SCHEDULE_FIELDS)} FROM schedules "
+                    f"WHERE state = 'active' ORDER BY created"
+                )
+            ]
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self._explain(exc) from None
@@ -153,10 +189,19 @@ class SQLiteStore:
             conn.close()
             raise
         self._write = conn
-        return Snapshot(jobs=jobs, workers=workers, next_worker_id=int(row[0]) if row else 1)
+        return Snapshot(
+            jobs=jobs,
+            workers=workers,
+            next_worker_id=int(row[0]) if row else 1,
+            schedules=schedules,
+        )
 
     def commit(
-        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+        self,
+        jobs: Sequence[JobRecord],
+        workers: Sequence[WorkerRecord],
+        meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord] = (),
     ) -> None:
         conn = self._write
         assert conn is not None, "open() first"
@@ -167,6 +212,11 @@ class SQLiteStore:
             if workers:
                 conn.executemany(
                     _WORKER_UPSERT, [tuple(getattr(w, f) for f in _WORKER_FIELDS) for w in workers]
+                )
+            if schedules:
+                conn.executemany(
+                    _SCHEDULE_UPSERT,
+                    [tuple(getattr(r, f) for f in _SCHEDULE_FIELDS) for r in schedules],
                 )
             for key, value in meta.items():
                 conn.execute(
