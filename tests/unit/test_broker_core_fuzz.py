@@ -7,8 +7,10 @@ from hypothesis import strategies as st
 
 from corral.broker.core import BrokerConfig, BrokerCore
 from corral.protocol import PROTOCOL, RunParams, encode_body
+from corral.scheduler.ids import schedule_id
 
 BODY = encode_body(RunParams("m", "f"))
+SID = schedule_id(BODY).encode()
 PEERS = [b"w1", b"w2", b"\xff\xfe", b"c1"]
 
 valid = st.sampled_from(
@@ -21,6 +23,18 @@ valid = st.sampled_from(
         ("frontend", [b"", PROTOCOL, b"REQUEST", b"J", b"default", b"reply-requested", BODY]),
         ("frontend", [b"", PROTOCOL, b"REQUEST", b"J", b"q", b"guarantee", BODY]),
         ("frontend", [b"", PROTOCOL, b"INFORM", b"i", b"", b"scheduler"]),
+        ("frontend", [b"", PROTOCOL, b"INFORM", b"i", b"", b"scheduler", b"{}"]),
+        ("frontend", [b"", PROTOCOL, b"SCHEDULE", b"s", b"q", b"", b"2", BODY, b""]),
+        (
+            "frontend",
+            [b"", PROTOCOL, b"SCHEDULE", b"s", b"q", b"nohaste", b"-1", BODY, b"* * * * *"],
+        ),
+        ("frontend", [b"", PROTOCOL, b"UNSCHEDULE", b"s", b"q", b"", b"-1", BODY, b""]),
+        (
+            "frontend",
+            [b"", PROTOCOL, b"REQUEST", SID + b"@1970-01-01T00:00:02.000Z", b"q", b"", BODY],
+        ),
+        ("frontend", [b"", PROTOCOL, b"QUERY", b"s", b'{"op": "schedules"}']),
         ("admin", [b"", PROTOCOL, b"STATUS", b"a"]),
         ("admin", [b"", PROTOCOL, b"ROUTER_SHOW_WORKERS", b"a"]),
         ("tick", []),
@@ -67,6 +81,11 @@ def test_core_survives_any_traffic(ops_):
                     [b"", PROTOCOL, b"REPLY", b"x", b'{"value": 1}', job_id.encode()],
                     now,
                 )
+        # The server commits, releases what waited for the store, and sends.
+        core.take_changes()
+        core.take_schedule_changes()
+        core.released(core.acks)
+        core.committed(now)
         core.acks.clear()
         core.outbox.clear()
         _check(core)
