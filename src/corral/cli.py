@@ -1,4 +1,4 @@
-"""The ``corral`` command: broker, worker, up, submit, status."""
+"""The ``corral`` command: broker, worker, up, submit, status, job records and schedules."""
 
 from __future__ import annotations
 
@@ -106,6 +106,26 @@ _BROKER_OPTIONS = [
         help="Insist on taking back a previous run's state (a broker always takes "
         "back what its store holds; this flag only logs what was restored).",
     ),
+    click.option(
+        "--builtin-scheduler/--no-builtin-scheduler",
+        default=True,
+        show_default=True,
+        help="Fire schedules in the broker itself (else only `corral scheduler` processes do).",
+    ),
+    click.option(
+        "--timezone",
+        default="UTC",
+        show_default=True,
+        envvar="CORRAL_TIMEZONE",
+        help="Time zone in which cron schedules read the clock (IANA name).",
+    ),
+    click.option(
+        "--missed-ticks",
+        type=click.Choice(["coalesce", "skip"]),
+        default="coalesce",
+        show_default=True,
+        help="Ticks missed while the broker was down: run once at start, or skip them.",
+    ),
 ]
 
 _WORKER_OPTIONS = [
@@ -192,10 +212,14 @@ def _make_broker(
     data_dir: str | None,
     fsync: bool,
     restore: bool,
+    builtin_scheduler: bool,
+    timezone: str,
+    missed_ticks: str,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
+    from corral.scheduler import SchedulerConfig
     from corral.store import StoreError, open_store
 
     if store_url is None:
@@ -204,9 +228,18 @@ def _make_broker(
         store = open_store(store_url, fsync=fsync)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
-    core = BrokerCore(
-        BrokerConfig(heartbeat_interval=heartbeat, heartbeat_liveness=liveness, max_frame=max_frame)
-    )
+    schedules = SchedulerConfig(builtin=builtin_scheduler, timezone=timezone, missed=missed_ticks)
+    try:
+        core = BrokerCore(
+            BrokerConfig(
+                heartbeat_interval=heartbeat,
+                heartbeat_liveness=liveness,
+                max_frame=max_frame,
+                schedules=schedules,
+            )
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timezone") from None
     server = BrokerServer(
         core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
     )
@@ -309,6 +342,9 @@ _BROKER_KEYS = {
     "data_dir",
     "fsync",
     "restore",
+    "builtin_scheduler",
+    "timezone",
+    "missed_ticks",
 }
 _WORKER_KEYS = {
     "backend",
@@ -527,3 +563,12 @@ def retry_cmd(job_id: str, address: str | None) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
     info = _client_call(address, "retry", job_id)
     click.echo(f"job {info['id']} is {info['state']} again")
+
+
+def _register_schedule_commands() -> None:
+    from corral.scheduler.cli import register
+
+    register(main)
+
+
+_register_schedule_commands()

@@ -159,6 +159,9 @@ class BrokerCore:
         msg = self._parse(Dest.FRONTEND, identity, frames)
         if msg is None:
             return
+        sched = self.schedulers.get(identity)
+        if sched is not None:
+            sched.last_seen = now  # any message from a scheduler counts as a heartbeat
         if isinstance(msg, Request):
             self._on_request(identity, msg, frames, now)
         elif isinstance(msg, Query):
@@ -168,18 +171,14 @@ class BrokerCore:
                 self.queries.append((identity, msg))
         elif isinstance(msg, Inform):
             self._on_scheduler_inform(identity, msg, now)
-        elif isinstance(msg, Heartbeat):
-            sched = self.schedulers.get(identity)
-            if sched is not None:
-                sched.last_seen = now
         elif isinstance(msg, Schedule):  # and Unschedule
             self._on_schedule(identity, msg, frames, now)
         elif isinstance(msg, Kbye):
             self._drop_scheduler(identity)
         elif isinstance(msg, Disconnect):
             self.stopping = True
-        elif isinstance(msg, Ack | Reply | Error):
-            pass  # schedulers may answer us; nothing to do
+        elif isinstance(msg, Ack | Reply | Error | Heartbeat):
+            pass  # schedulers answer us and heartbeat (their liveness is noted above)
         else:
             self._refuse(
                 Dest.FRONTEND,

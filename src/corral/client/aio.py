@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import zmq
@@ -18,10 +19,11 @@ import zmq.asyncio
 
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
+from corral.client.schedules import schedule_params
 from corral.client.sync import configure_socket
 from corral.client.wire import deliver
 from corral.errors import ClientClosed, NotAcknowledged
-from corral.protocol import new_msgid
+from corral.protocol import Query, new_msgid
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,72 @@ class AsyncClient:
         finally:
             for job in in_flight:
                 job.cancel()
+
+    # ------------------------------------------------------------ queries
+
+    async def query(self, op: str, *, timeout: float | None = 30.0, **params: Any) -> Any:
+        """Ask the broker (a QUERY ``op``) and return its answer.
+
+        Raises :class:`corral.errors.JobFailed` (or its subclass, e.g.
+        ``NotFound``) when the broker refuses, ``TimeoutError`` after
+        ``timeout`` seconds (default 30).
+        """
+        if self._closing:
+            raise ClientClosed("the client is closed")
+        msg = Query(new_msgid(), op, params)
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        job = AsyncJob(msg.msgid, "", loop.create_future())
+        self._pending[job.id] = job
+        try:
+            await self._sock.send_multipart(msg.to_frames())
+            return await asyncio.wait_for(job, timeout)
+        finally:
+            self._pending.pop(job.id, None)
+
+    async def schedule(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        every: timedelta | float | None = None,
+        cron: str | None = None,
+        queue: str | None = None,
+        run_count: int | None = None,
+        nohaste: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Schedule ``fn(*args, **kwargs)``; the schedule's id once stored.
+
+        Arguments and defaults as in :meth:`corral.Client.schedule`.
+        """
+        params = schedule_params(
+            fn,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            queue=queue,
+            run_count=run_count,
+            nohaste=nohaste,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
+        return (await self.query("schedule", **params))["id"]
+
+    async def unschedule(self, schedule_id: str) -> dict[str, Any]:
+        """Stop a schedule for good; returns its last record. Raises NotFound if unknown."""
+        return await self.query("unschedule", id=schedule_id)
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every active schedule (see :meth:`corral.Client.schedules`)."""
+        return await self.query("schedules")
 
     # ------------------------------------------------------------ lifecycle
 
