@@ -55,7 +55,7 @@ def _query(address: str | None, op: str, **params: Any) -> Any:
 def _when(t: float | None) -> str:
     if t is None:
         return "-"
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _cadence(s: dict[str, Any]) -> str:
@@ -73,9 +73,10 @@ def print_schedules(schedules: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="schedules", title_justify="left")
-    for column in ("id", "call", "when", "queue", "runs", "last run", "next run", "run by"):
-        table.add_column(column, justify="right" if column == "runs" else "left")
+    table = Table(title="schedules (times in UTC)", title_justify="left")
+    table.add_column("id", no_wrap=True, min_width=12)
+    for column in ("call", "when", "queue", "runs", "last run", "next run", "run by"):
+        table.add_column(column, justify="right" if column == "runs" else "left", overflow="fold")
     for s in schedules:
         call = json.dumps(s.get("args", []))[1:-1]
         kwargs = ", ".join(f"{k}={json.dumps(v)}" for k, v in (s.get("kwargs") or {}).items())
@@ -158,7 +159,7 @@ def schedule_cmd(
         return
     click.echo(stored["id"])
     click.echo(
-        f"{stored['status']}: {_cadence(stored)}, next run {_when(stored.get('next_run'))}, "
+        f"{stored['status']}: {_cadence(stored)}, next run {_when(stored.get('next_run'))} UTC, "
         f"run by {stored['run_by']}",
         err=True,
     )
