@@ -465,7 +465,7 @@ def test_schedule_goes_to_one_eventmq_scheduler_which_alone_fires_it():
     assert commands(sim, b"e1") == ["UNSCHEDULE"]
     assert commands(sim, b"e2") == ["UNSCHEDULE"]
     emq_tick(sim, owner)
-    assert commands(sim, owner) == ["UNSCHEDULE", "ERROR unknown-schedule"]
+    assert commands(sim, owner) == ["ERROR unknown-schedule"]
     assert len(sim.ticks()) == 1
 
 

@@ -83,9 +83,9 @@ class SchedulerAgent:
     def tick(self, now: float) -> float:
         """Send due ticks, re-sends and heartbeats; return when to call again (monotonic)."""
         cfg = self.config
-        if self.joined:
-            for s, tick in self.table.due(self._wall(now)):
-                self._fire(s, tick, now)
+        # Also while registering again: tick ids carry all the broker needs.
+        for s, tick in self.table.due(self._wall(now)):
+            self._fire(s, tick, now)
         for tid, (frames, sent) in list(self.pending.items()):
             if now - sent >= cfg.resend_interval:
                 self.out.append(frames)
@@ -102,7 +102,7 @@ class SchedulerAgent:
             self._inform(now)
         wake = now + cfg.heartbeat_interval / 3
         due = self.table.next_due()
-        if self.joined and due is not None:
+        if due is not None:
             wake = min(wake, (due + 1) / 1000 - self.wall_offset)
         if self.pending:
             wake = min(wake, min(sent for _, sent in self.pending.values()) + cfg.resend_interval)

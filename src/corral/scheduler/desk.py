@@ -110,6 +110,7 @@ class ScheduleDesk:
         self.fired = 0
         self.refused: Counter[str] = Counter()
         self._rr = -1
+        self._warned: OrderedDict[tuple[bytes, str], None] = OrderedDict()
 
     # ------------------------------------------------------------ definitions
 
@@ -236,6 +237,8 @@ class ScheduleDesk:
         if resume and s.last_tick is not None and not headers.nohaste:
             # EventMQ runs a schedule on receipt unless told not to.
             headers = dataclasses.replace(headers, nohaste=True)
+        if headers.run_count is not None:
+            headers = dataclasses.replace(headers, run_count=headers.run_count - s.runs)
         msg = ScheduleMessage(new_msgid(), s.queue, headers, s.interval, s.body, s.cron)
         self.send(to, msg.to_frames())
 
@@ -334,12 +337,23 @@ class ScheduleDesk:
     def _claim_eventmq(self, identity: bytes, msg: Request, now: int) -> Claim | Refusal:
         sched_id = schedule_id(msg.body)
         s = self.table.get(sched_id)
-        if s is None or s.owner != identity:
+        if s is None:
+            if (identity, sched_id) not in self._warned:
+                self._warned[(identity, sched_id)] = None
+                if len(self._warned) > self.config.former_memory:
+                    self._warned.popitem(last=False)
+                log.warning(
+                    "EventMQ scheduler %s fires schedule %s, which this broker does not have "
+                    "(unscheduled, finished, or restored by that scheduler from its own store): "
+                    "its runs are refused; schedule it through the broker to run it",
+                    _name(identity),
+                    sched_id,
+                )
+            return _gone(sched_id)
+        if s.owner != identity:
             if identity in self.eventmq:
-                # Tell it to stop; EventMQ keeps firing unscheduled cron jobs regardless.
+                # Another one runs it (or the broker does): this one must stop.
                 self.send(identity, _unschedule_frames(msg.queue, msg.body))
-            if s is None:
-                return _gone(sched_id)
             return Refusal("not-owner", f"schedule {sched_id} is run by {self.run_by(s)}")
         tick = now if s.last_tick is None or now > s.last_tick else s.last_tick + 1
         self.table.record(s, tick)
