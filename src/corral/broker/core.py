@@ -1,7 +1,8 @@
 """The broker's state machine: messages in, messages out, no I/O.
 
 :class:`BrokerCore` owns queues, workers, schedulers and the table of jobs in
-flight. The shell (:mod:`corral.broker.server`) feeds it every message it
+flight; its :class:`~corral.scheduler.desk.ScheduleDesk` owns the schedules.
+The shell (:mod:`corral.broker.server`) feeds it every message it
 receives with the time, and sends what the core appended to :attr:`outbox`.
 Acknowledgements of accepted jobs go to :attr:`acks` instead, so that a shell
 with a store can hold them until the job is durably recorded.

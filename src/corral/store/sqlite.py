@@ -105,7 +105,7 @@ def _job(row: Sequence[Any]) -> JobRecord:
 
 
 class SQLiteStore:
-    """Jobs, workers and counters in one SQLite database file."""
+    """Jobs, workers, schedules and counters in one SQLite database file."""
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path = path
