@@ -235,3 +235,17 @@ def test_unplanned_schedules_are_kept_but_never_due():
     assert table.due(100_000) == [] and table.next_due() is None
     table.plan(s)
     assert [t for _, t in table.due(100_000)] == [100_000]
+
+
+def test_shells_follow_a_stepped_wall_clock_but_not_drift(monkeypatch):
+    import types
+
+    from corral import _clock
+
+    holder = types.SimpleNamespace(wall_offset=1000.0)
+    monkeypatch.setattr(_clock.time, "time", lambda: 1500.5)
+    _clock.follow_wall_clock(holder, 500.0)
+    assert holder.wall_offset == 1000.0
+    monkeypatch.setattr(_clock.time, "time", lambda: 1560.0)  # stepped a minute forward
+    _clock.follow_wall_clock(holder, 500.0)
+    assert holder.wall_offset == 1060.0

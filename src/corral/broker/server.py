@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from corral._clock import follow_wall_clock
 from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest
 from corral.broker.queries import QueryHandler
@@ -357,6 +358,7 @@ class BrokerServer:
     def _tick(self) -> None:
         assert self._loop is not None
         now = time.monotonic()
+        follow_wall_clock(self.core, now)
         due = self.core.tick(now)
         self._flush()
         delay = max(0.05, min(due - now, self.core.config.heartbeat_interval / 3))

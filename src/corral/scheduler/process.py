@@ -15,6 +15,7 @@ import time
 
 import zmq
 
+from corral._clock import follow_wall_clock
 from corral._loop import SocketWatcher, send_frames
 from corral.scheduler.agent import AgentConfig, SchedulerAgent
 
@@ -53,7 +54,9 @@ class SchedulerProcess:
         log.info("scheduler %s: broker %s", self.config.identity, self.config.broker)
         try:
             while not self._stopped.is_set():
-                wake = agent.tick(time.monotonic())
+                now = time.monotonic()
+                follow_wall_clock(agent, now)
+                wake = agent.tick(now)
                 self._flush()
                 self._woken.clear()
                 with contextlib.suppress(TimeoutError):
