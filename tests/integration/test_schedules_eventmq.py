@@ -63,8 +63,8 @@ def test_eventmq_scheduler_runs_its_schedule_and_the_broker_takes_it_back(cluste
             lambda: schedule().get("run_by") == "broker", "the broker to take it back", procs=procs
         )
         wait(
-            lambda: sum(1 for t in tick_times(client, sid) if t / 1000 > killed) >= 2,
-            "2 runs by the broker",
+            lambda: any(t / 1000 > killed for t in tick_times(client, sid)),
+            "a run by the broker",
             procs=procs,
         )
         submit_schedule(
