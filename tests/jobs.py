@@ -123,3 +123,22 @@ def record(path: str, n: int) -> int:
     finally:
         os.close(fd)
     return n
+
+
+@task
+def start_sleep_end(path: str, seconds: float) -> int:
+    """Log ``start PID`` to ``path``, sleep, then log ``end PID``: who ran it, and who finished."""
+    import os
+    import time
+
+    def note(word: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{word} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+    note("start")
+    time.sleep(seconds)
+    note("end")
+    return os.getpid()

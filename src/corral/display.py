@@ -91,6 +91,8 @@ def print_job(job: dict[str, Any], console: Console | None = None) -> None:
         table.add_row(key, str(job.get(key)))
     for key in ("submitted", "started", "completed", "received"):
         table.add_row(key, _when(job.get(key)))
+    if job.get("after"):
+        table.add_row("after", ", ".join(job["after"]))
     if job.get("error"):
         error = job["error"]
         table.add_row("error", f"{error.get('type')}: {error.get('message')}")

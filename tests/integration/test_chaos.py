@@ -25,6 +25,7 @@ def test_broker_killed_while_clients_submit(cluster, tmp_path):
     broker = cluster.broker()
     cluster.worker(concurrency=2, imports=("tests.jobs",))
     acked: list[str] = []
+    results: list[object] = []
     lock = threading.Lock()
     per_client = JOBS // CLIENTS
 
@@ -36,14 +37,25 @@ def test_broker_killed_while_clients_submit(cluster, tmp_path):
                 )
                 for i in range(per_client)
             ]
+            mine = []
             for job in jobs:
                 try:
                     ok = job.wait_acknowledged(30)
                 except CorralError:
                     ok = False
                 if ok:
-                    with lock:
-                        acked.append(job.id)
+                    mine.append(job)
+            # Every acknowledged job's outcome reaches its client, even one produced
+            # while the client was cut off from a dead broker (it catches up).
+            outcomes = []
+            for job in mine:
+                try:
+                    outcomes.append(job.result(timeout=120))
+                except Exception as exc:  # noqa: BLE001 - collected and reported below
+                    outcomes.append(exc)
+            with lock:
+                acked.extend(job.id for job in mine)
+                results.extend(outcomes)
 
     threads = [threading.Thread(target=submit, args=(c,)) for c in range(CLIENTS)]
     for t in threads:
@@ -60,12 +72,14 @@ def test_broker_killed_while_clients_submit(cluster, tmp_path):
         broker.kill_group(signal.SIGKILL)
         broker.wait(5)
         kills += 1
-        broker = cluster.broker()
+        broker = cluster.broker("--restore")
         if rng.random() < 0.5:
             break
     for t in threads:
-        t.join(120)
+        t.join(240)
     assert acked, "no job was acknowledged"
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, f"{len(failures)} acknowledged jobs failed in their client: {failures[:3]}"
 
     with corral.Client(cluster.addrs.frontend) as client:
 

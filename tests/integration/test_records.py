@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def client(cluster):
-    cluster.broker()
+    cluster.broker("--retry-backoff", "0.05")
     cluster.worker(concurrency=2, imports=("corral.examples", "tests.jobs"))
     with corral.Client(cluster.addrs.frontend) as c:
         yield c

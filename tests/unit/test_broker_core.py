@@ -216,7 +216,96 @@ def test_late_reply_from_lost_worker_recorded_once(h):
     h.reply(b"w2", job, b'{"value": 7}')
     results = [m for d, i, m in h.sent() if d is Dest.FRONTEND and m.result]
     assert len(results) == 1
-    assert h.core.stats.unknown_replies == 1
+    assert h.core.stats.duplicate_outcomes == 1 and h.core.stats.unknown_replies == 0
+
+
+CORRAL = {"running": []}  # the INFORM meta that marks a corral worker
+CANCELLED = b'{"error": {"type": "JobCancelled", "message": "killed", "traceback": ""}}'
+
+
+def aborts(messages):
+    return [(ident, m.ref) for dest, ident, m in messages if m.command.value == "ABORT"]
+
+
+def outcomes(messages):
+    return [m for d, i, m in messages if d is Dest.FRONTEND and m.result]
+
+
+def test_late_outcome_from_lost_worker_aborts_the_new_copy(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,guarantee")
+    h.sent()
+    h.core.tick(h.now + 100)  # w1 stopped heartbeating: the job is requeued
+    h.inform(b"w2", meta=CORRAL)
+    h.ready(b"w2")
+    assert h.dispatched(h.sent()) == [(b"w2", job)]
+    h.reply(b"w1", job, b'{"value": 1}')
+    out = h.sent()
+    assert aborts(out) == [(b"w2", job)]
+    assert [json.loads(m.result) for m in outcomes(out)] == [{"value": 1}]
+    h.reply(b"w2", job, CANCELLED)  # w2's answer to the ABORT
+    assert outcomes(h.sent()) == []
+    assert h.core.stats.duplicate_outcomes == 0 and not h.core.workers[b"w2"].aborted
+
+
+def test_returning_worker_keeps_its_job_if_nobody_started_it(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,guarantee")
+    h.sent()
+    h.core.tick(h.now + 100)  # lost: requeued, no other worker
+    assert h.core.jobs[job].state.value == "queued"
+    h.inform(b"w1", meta={"running": [job]})
+    h.ready(b"w1")
+    out = h.sent()
+    assert h.dispatched(out) == [] and aborts(out) == []
+    assert h.core.jobs[job].state.value == "running" and not h.core.queues["default"].waiting
+    h.reply(b"w1", job)
+    assert [json.loads(m.result) for m in outcomes(h.sent())] == [{"value": 42}]
+
+
+def test_returning_worker_is_told_to_drop_a_job_running_elsewhere(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,guarantee")
+    h.sent()
+    h.core.tick(h.now + 100)
+    h.inform(b"w2", meta=CORRAL)
+    h.ready(b"w2")
+    h.sent()
+    h.inform(b"w1", meta={"running": [job]})
+    assert aborts(h.sent()) == [(b"w1", job)]
+    assert h.core.jobs[job].worker.identity == b"w2"
+    h.reply(b"w1", job, CANCELLED)
+    h.reply(b"w2", job, b'{"value": 2}')
+    assert [json.loads(m.result) for m in outcomes(h.sent())] == [{"value": 2}]
+
+
+def test_returning_worker_is_told_to_drop_finished_and_unknown_jobs(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    job = h.submit()
+    h.reply(b"w1", job)
+    h.sent()
+    h.inform(b"w1", meta={"running": [job, "never-seen"]})
+    assert sorted(aborts(h.sent())) == sorted([(b"w1", job), (b"w1", "never-seen")])
+
+
+def test_eventmq_worker_is_never_sent_abort(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,guarantee")
+    h.sent()
+    h.core.tick(h.now + 100)
+    h.inform(b"w2")
+    h.ready(b"w2")
+    h.sent()
+    h.reply(b"w1", job)
+    out = h.sent()
+    assert aborts(out) == [] and len(outcomes(out)) == 1
+    h.reply(b"w2", job)
+    assert outcomes(h.sent()) == [] and h.core.stats.duplicate_outcomes == 1
 
 
 def test_reinform_keeps_jobs_the_worker_still_holds(h):

@@ -186,6 +186,15 @@ def test_duplicate_of_finished_job_refused():
     assert [m.command.value for _, _, m in h.sent()] == ["ERROR"]
 
 
+def test_restored_broker_refuses_a_finished_jobs_id():
+    h = Harness()
+    h.core.restore(Snapshot(jobs=[], workers=[], finished_ids=["tick-1"]), h.now)
+    h.submit(msgid="tick-1")
+    out = h.sent()
+    assert [m.command.value for _, _, m in out] == ["ERROR"] and out[0][2].reason == "duplicate-id"
+    assert "tick-1" not in h.core.jobs
+
+
 def test_memory_store_round_trip():
     store = MemoryStore()
     h = Harness()

@@ -538,10 +538,22 @@ def test_schedule_queries():
     (listed,) = sim.query("schedules")["value"]
     assert listed["run_by"] == "broker" and listed["runs"] == 0
     assert sim.query("unschedule", id=SID)["value"]["state"] == "unscheduled"
-    assert sim.query("unschedule", id=SID)["error"]["type"] == "NotFound"
+    # Sent again (a client whose answer was lost): the same answer.
+    assert sim.query("unschedule", id=SID)["value"]["state"] == "unscheduled"
+    assert sim.query("unschedule", id="f" * 40)["error"]["type"] == "NotFound"
     bad = query_schedule(sim, interval=-1, cron="99 * * * *")["error"]
     assert bad["type"] == "BadRequest" and "99 * * * *" in bad["message"]
     assert query_schedule(sim, body=["run", {"path": 3}])["error"]["type"] == "BadRequest"
+
+
+def test_a_tick_job_cancelled_before_it_is_stored_never_runs():
+    sim = Sim("2025-01-01T00:00:00")
+    sim.schedule(interval=10, queue="fresh")
+    (job_id,) = [j for j in sim.core.jobs if "@" in j]
+    assert sim.core.cancel(job_id, sim.now) == "queued"
+    sim.commit()
+    assert sim.store.jobs[job_id].state == "cancelled"
+    assert not sim.core.queues["fresh"].waiting
 
 
 def test_schedule_query_answer_waits_for_the_store():

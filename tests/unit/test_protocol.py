@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from corral.protocol import (
     PROTOCOL,
+    Abort,
     Ack,
     Command,
     Disconnect,
@@ -65,6 +66,7 @@ ALL_MESSAGES = [
     Error("o", "bad-json", "detail", "ref"),
     Query("p", "job", {"id": "abc"}),
     Hello("q"),
+    Abort("r", "job-1", "cancelled"),
 ]
 
 
@@ -165,6 +167,11 @@ class TestHeaders:
         (frames("REPLY", b"[1]", b"id"), "bad-result"),
         (frames("INFORM", b"[[1,2]]", b"worker"), "bad-json"),
         (frames("INFORM", b"", b"robot"), "bad-inform"),
+        (frames("INFORM", b"", b"worker", b'{"running": 3}'), "bad-inform"),
+        (frames("INFORM", b"", b"worker", b'{"running": [["a"]]}'), "bad-inform"),
+        (frames("INFORM", b"", b"worker", b'{"running": [""]}'), "bad-inform"),
+        (frames("ABORT"), "bad-frames"),
+        (frames("ABORT", b"\xff"), "bad-utf8"),
         (frames("HEARTBEAT", b"soon"), "bad-heartbeat"),
         (frames("SCHEDULE", b"q", b"", b"x", BODY, b""), "bad-schedule"),
         (frames("SCHEDULE", b"q", b"", b"-1", BODY, b""), "bad-schedule"),

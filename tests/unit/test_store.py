@@ -83,6 +83,15 @@ def test_purge_only_finished(store):
     assert store.get_job("old") is None and store.get_job("q") is not None
 
 
+def test_snapshot_lists_recent_finished_ids_oldest_first(store):
+    store.commit([rec(f"j{i}", "succeeded" if i % 2 else "queued") for i in range(10)], [], {})
+    store.commit([rec("j0", "dead")], [], {})  # an update keeps its place
+    snap = store.open(recent=3)
+    assert snap.finished_ids == ["j5", "j7", "j9"]
+    assert sorted(store.open().finished_ids) == ["j0", "j1", "j3", "j5", "j7", "j9"]
+    assert store.open().finished_ids[0] == "j0"
+
+
 def test_sqlite_survives_reopen(tmp_path):
     url = f"sqlite:///{tmp_path}/b.db"
     s = open_store(url)
@@ -118,6 +127,18 @@ def test_locked_file_is_a_clear_error(tmp_path):
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_second_broker_on_the_same_file_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/b.db"
+    first = open_store(url)
+    first.open()
+    with pytest.raises(StoreError, match=r"in use by another broker \(pid \d+\)"):
+        open_store(url).open()
+    first.close()
+    second = open_store(url)  # free again once the first one closed
+    second.open()
+    second.close()
 
 
 def test_unknown_store_url():

@@ -26,6 +26,7 @@ from corral.protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_QUEUE,
     PROTOCOL,
+    Abort,
     Ack,
     Disconnect,
     Error,
@@ -103,6 +104,8 @@ class Stats:
     accepted: int = 0
     completed: int = 0
     unknown_replies: int = 0
+    duplicate_outcomes: int = 0
+    internal_errors: int = 0
     workers_lost: int = 0
     requeued: int = 0
     retried: int = 0
@@ -146,7 +149,21 @@ class BrokerCore:
         #: Jobs restored as running, by the uuid of the worker that had them,
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        #: Recently finished jobs: id -> final state (``None`` when restored from the
+        #: store by id only). Refuses reused ids and answers dependency checks.
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
+        #: Identities (besides the submitter) that want a job's outcome, by job id.
+        self.listeners: dict[str, set[bytes]] = {}
+        #: Jobs waiting for a job (``after:ID``) to end, by that job's id.
+        self.dependents: dict[str, list[Job]] = {}
+        #: Ids of finished jobs whose final state the shell must read from the store
+        #: and hand to :meth:`resolve_dependency`.
+        self.lookups: list[str] = []
+        self._looking_up: set[str] = set()
+        #: Jobs that just ended, whose dependents are still to be told (see _finish).
+        self._ended: list[Job] = []
+        self._settling = False
+        self._duplicates_reported = 0
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
         #: An outcome waits in :attr:`acks` for its job's acknowledgement.
@@ -275,6 +292,12 @@ class BrokerCore:
             log.warning("scheduler %s stopped heartbeating; dropped", sched.name)
             self._drop_scheduler(sched.identity)
         self._fire_due(now)
+        if self.stats.duplicate_outcomes != self._duplicates_reported:
+            log.info(
+                "%d second outcome(s) of finished jobs ignored (first outcome wins)",
+                self.stats.duplicate_outcomes - self._duplicates_reported,
+            )
+            self._duplicates_reported = self.stats.duplicate_outcomes
         heap = self._retry_heap
         while heap and heap[0][0] <= now:
             _, _, job = heapq.heappop(heap)
@@ -329,6 +352,16 @@ class BrokerCore:
                 msg.msgid,
             )
             return
+        after = msg.headers.get_all("after")
+        if after and (msg.msgid in after or len(after) > MAX_DEPENDENCIES):
+            self._refuse(
+                Dest.FRONTEND,
+                identity,
+                "bad-header",
+                f"a job waits for 1-{MAX_DEPENDENCIES} other jobs, never for itself",
+                msg.msgid,
+            )
+            return
         job = Job(msg.msgid, msg.queue, msg.headers, list(frames[4:7]), identity, now)
         job.submitted_at = now + self.wall_offset
         job.label = msg.headers.get("label")
@@ -339,7 +372,92 @@ class BrokerCore:
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
         )
-        self._enqueue(job, now)
+        if after:
+            self._wait_for(job, after, now)
+        else:
+            self._enqueue(job, now)
+
+    # ------------------------------------------------------------ dependencies
+
+    def _wait_for(self, job: Job, after: list[str], now: float) -> None:
+        """Hold ``job`` until every job in ``after`` succeeded; fail it if one cannot."""
+        job.state = JobState.QUEUED
+        job.waiting_on = set()
+        for dep in after:
+            if dep in self.jobs:
+                pass  # still to run, or running
+            elif self._recent.get(dep) == JobState.SUCCEEDED.value:
+                continue
+            elif self._recent.get(dep) is not None:
+                self._dependency_failed(job, dep, self._recent[dep], now)
+                return
+            elif dep not in self._looking_up:
+                # Finished too long ago to be remembered, or never submitted: ask the store.
+                self._looking_up.add(dep)
+                self.lookups.append(dep)
+            job.waiting_on.add(dep)
+            self.dependents.setdefault(dep, []).append(job)
+        if not job.waiting_on:
+            job.waiting_on = None
+            self._enqueue(job, now)
+
+    def resolve_dependency(self, dep: str, state: str | None, now: float) -> None:
+        """The store's answer to a lookup: ``dep``'s final state, or ``None`` (no such job)."""
+        self._looking_up.discard(dep)
+        if dep in self.jobs:
+            return  # it arrived (or was retried) meanwhile: its end will settle its dependents
+        if state is not None:
+            self._recent.setdefault(dep, state)
+        self._settle_dependents(dep, state or "unknown", now)
+
+    def _settle_dependents(self, dep: str, state: str, now: float) -> None:
+        for job in self.dependents.pop(dep, ()):
+            if self.jobs.get(job.id) is not job or job.waiting_on is None:
+                continue  # ended meanwhile (cancelled, or another dependency failed)
+            if state == JobState.SUCCEEDED.value:
+                job.waiting_on.discard(dep)
+                if not job.waiting_on:
+                    job.waiting_on = None
+                    self._enqueue(job, now)
+            else:
+                self._dependency_failed(job, dep, state, now)
+
+    def _dependency_failed(self, job: Job, dep: str, state: str, now: float) -> None:
+        why = "there is no such job" if state == "unknown" else f"it ended {state}"
+        result = encode_outcome_error(
+            "DependencyFailed", f"job {job.id} waited for job {dep}, but {why}"
+        )
+        job.waiting_on = None
+        self._finish(job, result, "DependencyFailed", now)
+
+    # ------------------------------------------------------------ listeners and cancelling
+
+    def listen(self, job_id: str, identity: bytes) -> bool:
+        """Send ``job_id``'s outcome to ``identity`` too when it ends; ``False`` if it has ended."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if identity != job.submitter or not job.headers.reply_requested:
+            self.listeners.setdefault(job_id, set()).add(identity)
+        return True
+
+    def cancel(self, job_id: str, now: float) -> str | None:
+        """Cancel a job that has not ended; return the state it was in, or ``None``.
+
+        A queued or retrying job never runs; a running one is aborted on its
+        worker (its process is killed). Either way it ends ``cancelled`` at once.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        previous = job.state.value
+        if job.state is JobState.RUNNING and job.worker is not None:
+            self._abort(job.worker, job.id, "cancelled")
+            job.worker = None
+        result = encode_outcome_error("JobCancelled", f"job {job.id} was cancelled ({previous})")
+        self._finish(job, result, "JobCancelled", now)
+        log.info("job %s cancelled (it was %s)", job.id, previous)
+        return previous
 
     def _enqueue(self, job: Job, now: float, front: bool = False) -> None:
         queue = self._queue(job.queue)
@@ -391,31 +509,62 @@ class BrokerCore:
     def _on_result(self, identity: bytes, worker: Worker | None, msg: Reply, now: float) -> None:
         if msg.result is None:
             return  # a worker acknowledging something: nothing to route
+        if worker is not None and msg.ref in worker.aborted:
+            # The JobCancelled outcome of a job we told this worker to drop.
+            worker.aborted.discard(msg.ref)
+            return
         job = self.jobs.get(msg.ref)
         if job is None:
-            self.stats.unknown_replies += 1
-            log.info(
-                "result for unknown or finished job %s from %s ignored",
-                msg.ref,
-                peer_name(identity),
-            )
+            if msg.ref in self._recent:
+                # A second outcome (a worker given up for lost finished it too,
+                # or re-sent it after a reconnect): the first one stands.
+                # Counted, logged one by one at debug level and summed up by tick():
+                # a worker that reconnects re-sends its recent outcomes.
+                self.stats.duplicate_outcomes += 1
+                log.debug(
+                    "second outcome for finished job %s from %s ignored",
+                    msg.ref,
+                    peer_name(identity),
+                )
+            else:
+                self.stats.unknown_replies += 1
+                log.info("result for unknown job %s from %s ignored", msg.ref, peer_name(identity))
             return
-        if job.worker is not None and job.worker.identity != identity:
-            # The job was given to another worker after this one was given up
-            # for lost; the first outcome to arrive is the one recorded.
+        outcome = msg.outcome()
+        error_type = outcome.error.type if outcome.error is not None else None
+        holder = job.worker
+        if holder is None or holder.identity != identity:
+            if error_type == "JobCancelled":
+                # Only the holder's cancellation counts: this one answers an
+                # ABORT sent before this worker re-registered.
+                self.stats.duplicate_outcomes += 1
+                return
+            # The job was requeued (and maybe given to another worker) after this
+            # one was given up for lost. The first outcome to arrive is the one
+            # recorded; a worker still running a copy is told to drop it.
             log.warning(
                 "result for job %s from %s, which no longer holds it; recorded",
                 job.id,
                 peer_name(identity),
             )
-        outcome = msg.outcome()
+            if holder is not None:
+                self._abort(holder, job.id, "finished elsewhere")
         if worker is not None:
             worker.processed += 1
-        error_type = outcome.error.type if outcome.error is not None else None
         if error_type is not None and error_type not in _FINAL_ERRORS and self._retries_left(job):
             self._retry_later(job, msg.result, error_type, now)
         else:
             self._finish(job, msg.result, error_type, now)
+
+    def _abort(self, worker: Worker, job_id: str, reason: str) -> None:
+        """Tell a corral worker to stop running ``job_id``; its outcome will be ignored."""
+        worker.running.pop(job_id, None)
+        if not worker.corral:
+            return  # EventMQ job managers cannot stop a job; its outcome counts as a duplicate
+        worker.aborted.add(job_id)
+        self.outbox.append(
+            (Dest.BACKEND, worker.identity, Abort(new_msgid(), job_id, reason).to_frames())
+        )
 
     def _retries_left(self, job: Job) -> bool:
         return job.attempts <= job.headers.retry_count
@@ -446,15 +595,12 @@ class BrokerCore:
 
     def _finish(self, job: Job, result: bytes, error_type: str | None, now: float) -> None:
         del self.jobs[job.id]
-        if job.state is JobState.QUEUED:
-            # Only after a restart: the store said "queued" but the job had run and its
-            # worker re-sent the outcome. Rare, so a linear removal is fine.
+        if job.state is JobState.QUEUED and job.waiting_on is None:
+            # Cancelled, or after a restart: the store said "queued" but the job had run
+            # and its worker re-sent the outcome. Rare, so a linear removal is fine.
             waiting = self.queues[job.queue].waiting
             if job in waiting:
                 waiting.remove(job)
-        self._recent[job.id] = None
-        if len(self._recent) > self.config.recent_ids:
-            self._recent.popitem(last=False)
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
@@ -468,6 +614,10 @@ class BrokerCore:
             self.stats.dead += 1
         else:
             job.state = JobState.FAILED
+        self._recent[job.id] = job.state.value
+        if len(self._recent) > self.config.recent_ids:
+            self._recent.popitem(last=False)
+        job.waiting_on = None
         job.completed = now
         job.received_at = job.completed_at = now + self.wall_offset
         job.result = result
@@ -492,6 +642,26 @@ class BrokerCore:
                 self.held_results = True
             else:
                 self.outbox.append(reply)
+        for identity in self.listeners.pop(job.id, ()):
+            self.outbox.append(
+                (
+                    Dest.FRONTEND,
+                    identity,
+                    [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
+                )
+            )
+        # Dependents are told in a loop, not by recursion: a failure can run down a
+        # long chain of jobs that wait for each other.
+        self._ended.append(job)
+        if not self._settling:
+            self._settling = True
+            try:
+                while self._ended:
+                    ended = self._ended.pop()
+                    if ended.id in self.dependents:
+                        self._settle_dependents(ended.id, ended.state.value, now)
+            finally:
+                self._settling = False
 
     # ------------------------------------------------------------ workers
 
@@ -502,12 +672,13 @@ class BrokerCore:
             )
             return
         queues = msg.queues or self.config.default_queues
+        #: Jobs the worker says it still runs (corral workers; EventMQ's never say).
+        claims: list[str] = (msg.meta or {}).get("running", [])
         old = self.workers.get(identity)
         if old is not None:
             # A worker re-announcing itself (it lost us, or we lost it): its
             # slots start over; jobs it no longer holds are lost.
-            held = set((msg.meta or {}).get("running", ()))
-            self._remove_worker(old, now, reason="re-informed", keep=held)
+            self._remove_worker(old, now, reason="re-informed", keep=set(claims))
         worker = Worker(
             identity,
             queues,
@@ -515,29 +686,25 @@ class BrokerCore:
             id=self._worker_id(peer_name(identity)),
             corral=msg.meta is not None,
         )
-        if old is not None:
-            worker.running = {jid: job for jid, job in old.running.items()}
-            for job in worker.running.values():
-                job.worker = worker
         self.workers[identity] = worker
         self.dirty_workers[worker.name] = worker
         if old is None:
             self.notifications.append(("registered", self._worker_info(worker)))
+        else:
+            worker.aborted = old.aborted
         orphaned = self.orphans.pop(worker.name, None)
+        held = {job.id: job for job in orphaned[1]} if orphaned else {}
+        if old is not None:
+            held.update(old.running)
+        kept = 0
+        for job_id in claims:
+            if self._adopt(worker, held.pop(job_id, None) or self.jobs.get(job_id), job_id):
+                kept += 1
+        for job in held.values():
+            # Restored as running on this worker, which no longer has it.
+            self._job_lost(job, worker.name, now)
         if orphaned is not None:
-            # Back after a broker restart: it keeps the jobs it says it still runs.
-            held = set((msg.meta or {}).get("running", ()))
-            for job in orphaned[1]:
-                if job.id in held and job.state is JobState.RUNNING:
-                    job.worker = worker
-                    worker.running[job.id] = job
-                else:
-                    self._job_lost(job, worker.name, now)
-            log.info(
-                "worker %s is back after the restart and keeps %d job(s)",
-                worker.name,
-                len(worker.running),
-            )
+            log.info("worker %s is back after the restart and keeps %d job(s)", worker.name, kept)
         for weight, name in queues:
             self._queue(name).add(weight, worker)
         self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
@@ -546,6 +713,50 @@ class BrokerCore:
         log.info(
             "worker %s joined, queues %s", worker.name, ",".join(f"{n}:{w}" for w, n in queues)
         )
+
+    def _adopt(self, worker: Worker, job: Job | None, job_id: str) -> bool:
+        """A (re)joining worker says it runs ``job_id``: let it keep the job, or abort its copy.
+
+        It keeps the job if the job is still running on it (or on nobody, after
+        a restart) or waits in its queue (it was requeued when the worker was
+        given up for lost, but no one has started it). A job that is running
+        elsewhere, waiting out a retry, or finished is aborted on this worker,
+        so that no job runs twice because a lost worker came back.
+        """
+        identity = worker.identity
+        if job is not None and self.jobs.get(job_id) is job:
+            holder = job.worker
+            if job.state is JobState.RUNNING and (holder is None or holder.identity == identity):
+                job.worker = worker
+                worker.running[job_id] = job
+                return True
+            if job.state is JobState.QUEUED:
+                waiting = self.queues[job.queue].waiting
+                if job in waiting:
+                    waiting.remove(job)  # rare: only for a worker that comes back
+                job.state = JobState.RUNNING
+                job.worker = worker
+                job.worker_uuid, job.worker_id = worker.name, worker.id
+                worker.running[job_id] = job
+                self.dirty[job.id] = job
+                log.info("job %s stays with worker %s, which came back", job_id, worker.name)
+                return True
+        if job_id in self._recent:
+            where = "finished"
+        elif job is None or job_id not in self.jobs:
+            where = "unknown"
+        elif job.worker is not None:
+            where = f"running on {job.worker.name}"
+        else:
+            where = job.state.value
+        log.warning(
+            "worker %s came back still running job %s, which is %s; aborting its copy",
+            worker.name,
+            job_id,
+            where,
+        )
+        self._abort(worker, job_id, f"the job is {where}")
+        return False
 
     def _remove_worker(
         self, worker: Worker, now: float, *, reason: str, keep: set[str] | None = None
@@ -689,6 +900,7 @@ class BrokerCore:
             return
         headers = s.job_headers()
         frames = [s.queue.encode(), headers.encode().encode(), s.body]
+        self._queue(s.queue)  # it is counted (and may be cancelled) before it is queued
         job = Job(job_id, s.queue, headers, frames, submitter, now)
         job.submitted_at = now + self.wall_offset
         job.label = headers.get("label")
@@ -726,6 +938,8 @@ class BrokerCore:
             "jobs_retrying": len(self._retry_heap),
             "workers_awaited_after_restore": len(self.orphans),
             "unknown_replies": self.stats.unknown_replies,
+            "duplicate_outcomes": self.stats.duplicate_outcomes,
+            "internal_errors": self.stats.internal_errors,
             "malformed_messages": dict(self.stats.malformed),
         }
 
@@ -761,6 +975,19 @@ class BrokerCore:
         }
 
     # ------------------------------------------------------------ bad input
+
+    def internal_error(self, dest: Dest, frames: Sequence[bytes]) -> None:
+        """A handler raised (a bug): log it with its traceback, count it, tell the sender."""
+        self.stats.internal_errors += 1
+        log.exception(
+            "internal error while handling a message from %s on %s; the broker goes on",
+            peer_name(frames[0][:64]) if frames else "?",
+            dest.name.lower(),
+        )
+        if len(frames) > 4 and frames[3] != b"ERROR":
+            ref = frames[4].decode("utf-8", "replace")[:256]
+            error = Error(new_msgid(), "internal-error", "the broker failed on it", ref)
+            self.outbox.append((dest, frames[0], error.to_frames()))
 
     def _parse(self, dest: Dest, identity: bytes, frames: Sequence[bytes]) -> Message | None:
         try:
@@ -865,10 +1092,13 @@ class BrokerCore:
         for w in snapshot.workers:
             self.worker_ids[w.uuid] = w.id
             self.next_worker_id = max(self.next_worker_id, w.id + 1)
+        for job_id in snapshot.finished_ids:
+            self._recent[job_id] = None
         grace = self.config.restore_grace
         if grace is None:
             grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
         counts: Counter[str] = Counter()
+        blocked: list[Job] = []
         for rec in snapshot.jobs:
             job = job_from_record(rec, now, self.wall_offset)
             self.jobs[job.id] = job
@@ -881,13 +1111,19 @@ class BrokerCore:
                 job.not_before = now
                 self._retry_seq += 1
                 heapq.heappush(self._retry_heap, (now, self._retry_seq, job))
+            elif job.state is JobState.QUEUED and job.headers.get_all("after"):
+                blocked.append(job)  # its dependencies are checked once all jobs are back
             else:
                 self._enqueue(job, now)
-        if snapshot.jobs:
+        for job in blocked:
+            self._wait_for(job, job.headers.get_all("after"), now)
+        if snapshot.jobs or snapshot.workers:
             log.info(
-                "restored %d unfinished job(s) (%s); waiting up to %.0f s for %d worker(s)",
+                "restored %d unfinished job(s)%s and %d worker id(s); "
+                "waiting up to %.0f s for %d worker(s) that were running jobs",
                 len(snapshot.jobs),
-                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})" if counts else "",
+                len(snapshot.workers),
                 grace,
                 len(self.orphans),
             )
@@ -902,12 +1138,20 @@ class BrokerCore:
         job.error_type = None
         self._recent.pop(job.id, None)
         self.jobs[job.id] = job
-        self._enqueue(job, now)
+        after = job.headers.get_all("after")
+        if after:
+            self._wait_for(job, after, now)  # retry what it waits for first
+        else:
+            self._enqueue(job, now)
         return True
 
 
 #: Errors that no retry can mend.
-_FINAL_ERRORS = frozenset({"NotAllowed", "NotFound", "BadRequest", "JobCancelled"})
+_FINAL_ERRORS = frozenset(
+    {"NotAllowed", "NotFound", "BadRequest", "JobCancelled", "DependencyFailed"}
+)
+#: Most jobs one job may wait for (``after:ID`` headers).
+MAX_DEPENDENCIES = 1000
 
 
 def job_record(job: Job, wall_offset: float = 0.0) -> JobRecord:

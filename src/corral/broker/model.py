@@ -52,6 +52,9 @@ class Job:
     label: str | None = None
     result: bytes | None = None
     error_type: str | None = None
+    #: Ids of the jobs it waits for (``after:ID`` headers) that have not succeeded
+    #: yet; ``None`` once it may run.
+    waiting_on: set[str] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -66,6 +69,8 @@ class Worker:
     #: reply only when asked to, so the broker always asks them.
     corral: bool = False
     running: dict[str, Job] = field(default_factory=dict)
+    #: Jobs this worker was told to ABORT: their (cancelled) outcomes are not the job's.
+    aborted: set[str] = field(default_factory=set)
     processed: int = 0
 
     @property

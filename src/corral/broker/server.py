@@ -23,15 +23,25 @@ import zmq
 
 from corral._clock import follow_wall_clock
 from corral._loop import has_input, send_frames
-from corral.broker.core import BrokerCore, Dest
+from corral.broker.core import BrokerCore, Dest, job_record
 from corral.broker.queries import QueryHandler
-from corral.store.base import JobRecord, ScheduleRecord, Store, WorkerRecord
+from corral.store.base import JobRecord, ScheduleRecord, Store, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
 
 log = logging.getLogger("corral.broker")
 
 #: Messages handled per socket before the loop gets a chance to do other work.
 BATCH = 256
+#: Seconds after start, and then between, purges of expired job records.
+PURGE_FIRST = 60.0
+PURGE_EVERY = 3600.0
+#: Records deleted per store transaction by a purge.
+PURGE_BATCH = 5000
+
+
+def _log_purge_failure(task: asyncio.Future[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not purge expired job records: %s", task.exception())
 
 
 class AddressInUse(RuntimeError):
@@ -54,6 +64,7 @@ class BrokerServer:
         notify: str | None = None,
         store: Store | None = None,
         commit_delay: float = 0.002,
+        retention: float | None = 7 * 86400.0,
         context: zmq.Context | None = None,
     ) -> None:
         self.core = core
@@ -74,7 +85,21 @@ class BrokerServer:
         self.commit_delay = commit_delay
         self._commit_timer: asyncio.TimerHandle | None = None
         self._readers: ThreadPoolExecutor | None = None
-        self.queries = QueryHandler(core, self.store, self._in_thread, self._answer, time.monotonic)
+        #: Records taken from the core for a commit that has not succeeded yet.
+        self._uncommitted: dict[str, JobRecord] = {}
+        self.queries = QueryHandler(
+            core,
+            self.store,
+            self._in_thread,
+            self._answer,
+            time.monotonic,
+            self.unstored_records,
+            notify,
+            self.purge,
+        )
+        #: Seconds a finished job's record is kept (``None``: forever).
+        self.retention = retention
+        self._purge_timer: asyncio.TimerHandle | None = None
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
@@ -88,9 +113,20 @@ class BrokerServer:
 
     # ------------------------------------------------------------ lifecycle
 
-    def open_store(self) -> None:
-        """Open the store and take back its state (raises StoreError with advice)."""
-        snapshot = self.store.open()
+    def open_store(self, *, require_state: bool = False) -> None:
+        """Open the store and take back its state (raises StoreError with advice).
+
+        ``require_state`` (``--restore``): refuse a store that holds nothing
+        from an earlier run, so a mistyped path does not start an empty broker.
+        """
+        snapshot = self.store.open(recent=self.core.config.recent_ids)
+        held = snapshot.jobs or snapshot.workers or snapshot.finished_ids or snapshot.schedules
+        if require_state and not held:
+            self.store.close()
+            raise StoreError(
+                f"--restore: the store {self.store.url} holds nothing from an earlier run "
+                f"(wrong --data-dir or --store?); start without --restore to begin empty"
+            )
         self.core.wall_offset = time.time() - time.monotonic()
         self.core.restore(snapshot, time.monotonic())
         if not isinstance(self.store, MemoryStore):
@@ -157,6 +193,8 @@ class BrokerServer:
             except (ValueError, RuntimeError):
                 pass  # not the main thread: the owner stops us
         self._tick()
+        if self.retention is not None:
+            self._purge_timer = self._loop.call_later(PURGE_FIRST, self._purge_expired)
         for dest in self.sockets:
             self._drain(dest)
         if self.on_bound:
@@ -175,6 +213,8 @@ class BrokerServer:
         assert self._loop is not None
         if self._timer:
             self._timer.cancel()
+        if self._purge_timer:
+            self._purge_timer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._loop.remove_signal_handler(sig)
@@ -219,7 +259,10 @@ class BrokerServer:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            handler(frames[0], frames[1:], now)
+            try:
+                handler(frames[0], frames[1:], now)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the broker
+                core.internal_error(dest, frames)
         else:
             self._schedule_drain(dest)
         self._flush()
@@ -245,6 +288,9 @@ class BrokerServer:
             queries, core.queries = core.queries, []
             for identity, query in queries:
                 self.queries.handle(identity, query)
+        if core.lookups:
+            lookups, core.lookups = core.lookups, []
+            asyncio.ensure_future(self._look_up(lookups))
         if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
             self._schedule_commit()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
@@ -312,6 +358,8 @@ class BrokerServer:
         if not (jobs or workers or meta or acks or schedules):
             return
         batch = (jobs, workers, meta, acks, schedules)
+        for rec in jobs:
+            self._uncommitted[rec.id] = rec
         if self._executor is None or sync:
             try:
                 self.store.commit(jobs, workers, meta, schedules)
@@ -339,6 +387,8 @@ class BrokerServer:
             self._commit()
 
     def _committed(self, acks: list) -> None:
+        # Every record taken so far was in this batch: one commit runs at a time.
+        self._uncommitted.clear()
         self.commits += 1
         self._send(acks)
         self.core.released(acks)
@@ -354,6 +404,65 @@ class BrokerServer:
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)
+
+    # ------------------------------------------------------------ store reads and upkeep
+
+    async def _look_up(self, job_ids: list[str]) -> None:
+        """Tell the core how jobs it does not remember ended (for jobs waiting on them)."""
+        newer = self.unstored_records()
+        try:
+            found = {rec.id: rec for rec in await self._in_thread(self.store.get_jobs, job_ids)}
+        except Exception:  # noqa: BLE001 - retried: the dependents must not wait forever
+            log.exception("could not read %d job(s) from the store; trying again", len(job_ids))
+            assert self._loop is not None
+            self._loop.call_later(1.0, lambda: asyncio.ensure_future(self._look_up(job_ids)))
+            return
+        found.update((i, newer[i]) for i in job_ids if i in newer)
+        now = time.monotonic()
+        for job_id in job_ids:
+            rec = found.get(job_id)
+            self.core.resolve_dependency(job_id, rec.state if rec else None, now)
+        self._flush()
+
+    async def purge(self, older_than: float) -> int:
+        """Delete records of jobs that ended over ``older_than`` s ago; return how many.
+
+        Runs in the writer thread, in batches, so commits go on in between.
+        """
+        cutoff = time.time() - older_than
+        total = 0
+        while True:
+            if self._executor is None:
+                count = self.store.purge(cutoff, PURGE_BATCH)
+            else:
+                assert self._loop is not None
+                count = await self._loop.run_in_executor(
+                    self._executor, self.store.purge, cutoff, PURGE_BATCH
+                )
+            total += count
+            if count < PURGE_BATCH:
+                break
+        if total:
+            log.info("purged %d job record(s) that ended over %.0f s ago", total, older_than)
+        return total
+
+    def _purge_expired(self) -> None:
+        assert self._loop is not None and self.retention is not None
+        self._purge_timer = self._loop.call_later(PURGE_EVERY, self._purge_expired)
+        task = asyncio.ensure_future(self.purge(self.retention))
+        task.add_done_callback(_log_purge_failure)
+
+    def unstored_records(self) -> dict[str, JobRecord]:
+        """Jobs whose newest state the store does not have yet (it lags by one commit).
+
+        Queries read the store in another thread; laying these over what they
+        read lets a client that just received an outcome also read it back.
+        """
+        newer = dict(self._uncommitted)
+        offset = self.core.wall_offset
+        for job_id, job in self.core.dirty.items():
+            newer[job_id] = job_record(job, offset)
+        return newer
 
     def _tick(self) -> None:
         assert self._loop is not None

@@ -23,12 +23,14 @@ from time import monotonic
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.client.schedules import schedule_params
-from corral.client.wire import deliver
-from corral.errors import ClientClosed, NotAcknowledged
+from corral.client.wire import apply_outcomes, deliver, resync_queries
+from corral.errors import ClientClosed, JobFailed, NotAcknowledged
 from corral.protocol import Query, new_msgid
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ class Client:
             raise
         # The socket is created here, so a bad address raises in the caller; thread
         # start is the memory barrier that hands it over to the I/O thread.
+        self._io: _IOLoop | None = None
         self._thread = threading.Thread(
             target=self._run, daemon=True, name=f"corral-client-{self.identity[:8]}"
         )
@@ -134,6 +137,7 @@ class Client:
         retries: int = 0,
         guarantee: bool = False,
         label: str | None = None,
+        after: Iterable[Any] = (),
         **kwargs: Any,
     ) -> Job:
         """Submit ``fn(*args, **kwargs)`` and return its :class:`Job` at once.
@@ -143,8 +147,11 @@ class Client:
         (default: the task's own queue, else ``"default"``); ``timeout``
         seconds the job may run (default ``None``: no limit); ``retries`` runs
         after a failure (default 0); ``guarantee`` (default ``False``): finish
-        even if its worker dies; ``label`` (default none): a free-form tag.
-        Keyword arguments with those names go to the options, not to ``fn``:
+        even if its worker dies; ``label`` (default none): a free-form tag;
+        ``after`` (default none): jobs (or ids) that must succeed before this
+        one runs -- if one fails or is cancelled, this one fails at once with
+        ``DependencyFailed``. Keyword arguments with those names go to the
+        options, not to ``fn``:
         use :meth:`submit_with` when ``fn`` takes such a keyword.
 
         Raises :class:`TypeError` (target not importable, arguments not
@@ -159,6 +166,7 @@ class Client:
             retries=retries,
             guarantee=guarantee,
             label=label,
+            after=after,
         )
 
     def submit_with(
@@ -173,6 +181,7 @@ class Client:
         guarantee: bool = False,
         label: str | None = None,
         headers: Sequence[str] = (),
+        after: Iterable[Any] = (),
     ) -> Job:
         """Like :meth:`submit` with the call's ``args`` and ``kwargs`` passed as values.
 
@@ -182,11 +191,17 @@ class Client:
         self._check_usable()
         queue = queue_for(fn, queue)
         hdrs = make_headers(
-            timeout=timeout, retries=retries, guarantee=guarantee, label=label, extra=headers
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+            extra=headers,
+            after=after,
         )
         request = make_request(fn, args, kwargs, queue, hdrs)
         job = Job(request.msgid, queue)
         job._frames = request.to_frames()
+        job._client = self
         self._enqueue(job)
         return job
 
@@ -209,6 +224,46 @@ class Client:
     def job_info(self, job_id: str) -> dict[str, Any]:
         """A job's record: state, queue, attempts, worker, timestamps, result or error."""
         return self.query("job", id=job_id)
+
+    def job(self, job_id: str) -> Job:
+        """A handle to any job by id (submitted by any client, also before a broker restart).
+
+        ``result(timeout)`` waits for its outcome (the broker sends it here too),
+        ``state`` and ``info()`` ask for its record. A job this client submitted
+        and still waits for is returned as it is.
+        """
+        self._check_usable()
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"a job id is a non-empty string, not {job_id!r}")
+        io = self._io
+        own = io.pending.get(job_id) if io is not None else None
+        if own is not None and own._is_job:
+            return own
+        handle = Job(job_id, "")
+        handle._is_job = True
+        handle._acked = True
+        handle._client = self
+        handle.set_running_or_notify_cancel()
+        query = Query(new_msgid(), "outcomes", {"ids": [job_id], "listen": True})
+        attach = Job(query.msgid, "")
+        attach._frames = query.to_frames()
+        attach._attach = handle
+        attach.add_done_callback(_attached)
+        self._enqueue(attach)
+        return handle
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job: a queued one never runs, a running one's process is killed.
+
+        Returns ``{"id", "state", "cancelled": True, "was": ...}``, or for a job
+        that has already ended ``{"id", "state", "cancelled": False, "detail"}``
+        (nothing is changed). Raises ``JobFailed`` (``NotFound``) for an unknown id.
+        """
+        return self.query("cancel", id=job_id)
+
+    def purge(self, older_than: float) -> int:
+        """Delete the records of jobs that ended more than ``older_than`` seconds ago."""
+        return int(self.query("purge", older_than=older_than)["purged"])
 
     def jobs(
         self,
@@ -240,6 +295,25 @@ class Client:
     def workers(self) -> dict[str, Any]:
         """Connected workers by integer id, and every uuid ever registered with its id."""
         return self.query("workers")
+
+    def watch_workers(self, timeout: float = 10.0) -> WorkerEvents:
+        """Subscribe to workers joining and leaving (see :class:`.WorkerEvents`).
+
+        The result's ``workers`` is the map of connected workers when the
+        notices start; iterate it (or call ``get(timeout)``) for each later
+        ``registered`` / ``unregistered`` notice. Raises ``TimeoutError`` if
+        the broker's notices cannot be reached within ``timeout`` seconds.
+        """
+        endpoint = self.workers().get("notify")
+        if not endpoint:
+            raise JobFailed("NotAvailable", "this broker publishes no notices (--notify '')")
+        events = WorkerEvents(notify_address(endpoint, self.address))
+        try:
+            events.join(lambda probe: self.query("workers", probe=probe), timeout)
+        except BaseException:
+            events.close()
+            raise
+        return events
 
     # ------------------------------------------------------------ schedules
 
@@ -430,7 +504,7 @@ class Client:
     # ------------------------------------------------------------ I/O thread
 
     def _run(self) -> None:
-        io = _IOLoop(self)
+        io = self._io = _IOLoop(self)
         try:
             io.run()
         except Exception:
@@ -460,12 +534,25 @@ class _IOLoop:
         #: Sent jobs in send order, which is ack-deadline order.
         self.unacked: deque[Job] = deque()
         self.blocked = False
+        #: Connection events: after a reconnect the client catches up (see _resync).
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self.disconnected = False
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+
+    def _run(self) -> None:
         client, sock = self.client, self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(client._wake_r, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         wake_fd = client._wake_r.fileno()  # zmq.Poller reports plain sockets by fd
         while True:
             # `_signalled` is False only while we sleep in poll: a submitter that finds it
@@ -482,6 +569,8 @@ class _IOLoop:
             for item, _ in events:
                 if item == wake_fd:
                     self._drain_wake()
+                elif item is self.monitor:
+                    self._on_connection_events()
             if events and any(item is sock for item, _ in events):
                 self._receive()
             was_blocked = self.blocked
@@ -532,8 +621,11 @@ class _IOLoop:
                 self.blocked = True
                 return
             outbox.popleft()
-            job._frames = None
+            # job._frames stay until the broker answers: _resync may send them again.
             pending[job.id] = job
+            attach = job._attach
+            if attach is not None and attach.id not in pending:
+                pending[attach.id] = attach
             unacked.append(job)
         self.blocked = False
 
@@ -548,6 +640,63 @@ class _IOLoop:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         deliver(self.pending, frames)
+
+    def _on_connection_events(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self.disconnected = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.disconnected:
+                self.disconnected = False
+                self._resync()
+
+    def _resync(self) -> None:
+        """Catch up after a reconnect: the broker may have restarted while we were away.
+
+        What the broker has not answered yet -- jobs not acknowledged, queries --
+        may have died with the old connection, so it is sent again (a job keeps
+        its id: a broker that already had it refuses it as a duplicate, which
+        counts as acknowledged) with a fresh deadline. Outcomes produced while we
+        were away could not reach us, so the broker is asked how the other jobs
+        ended. All of it goes out on the new connection ahead of anything else.
+        """
+        deadline = monotonic() + self.client.ack_timeout
+        resent = 0
+        for job in self.unacked:
+            if job._frames is not None and not job._acked and not job.done():
+                job._resent = True
+                job._deadline = deadline
+                self._send_now(job._frames)
+                resent += 1
+        waiting = [jid for jid, job in self.pending.items() if job._is_job and job._acked]
+        for query in resync_queries(waiting):
+            answer = Job(query.msgid, "")
+            answer.add_done_callback(self._on_outcomes)
+            answer.set_running_or_notify_cancel()
+            self.pending[query.msgid] = answer
+            self._send_now(query.to_frames())
+        log.info(
+            "reconnected to %s: sent %d unanswered message(s) again, asked about %d job(s)",
+            self.client.address,
+            resent,
+            len(waiting),
+        )
+
+    def _send_now(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not catch up after a reconnect: the send queue is full")
+
+    def _on_outcomes(self, answer: Job) -> None:
+        # Runs on this I/O thread, inside deliver().
+        if answer.cancelled() or answer.exception() is not None:
+            log.warning("could not catch up after a reconnect: %s", answer.exception())
+            return
+        apply_outcomes(self.pending, answer.result())
 
     def _expire(self, now: float) -> None:
         unacked, pending = self.unacked, self.pending
@@ -578,6 +727,22 @@ class _IOLoop:
         while unacked and (unacked[0]._acked or unacked[0].done()):
             unacked.popleft()
         return not unacked
+
+
+def _attached(query: Job) -> None:
+    """The broker's answer to a ``job(id)`` handle's QUERY (on the I/O thread)."""
+    handle = query._attach
+    assert handle is not None and handle._client is not None
+    io = handle._client._io
+    if query.cancelled():
+        return
+    exc = query.exception()
+    if exc is not None:
+        if io is not None:
+            io.pending.pop(handle.id, None)
+        _settle_error(handle, exc)
+    elif io is not None:
+        apply_outcomes(io.pending, query.result())
 
 
 def _settle_error(job: Job, exc: BaseException) -> None:

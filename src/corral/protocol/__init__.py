@@ -12,6 +12,7 @@ from corral.protocol.constants import (
 from corral.protocol.errors import ProtocolError
 from corral.protocol.headers import Headers, parse_headers
 from corral.protocol.messages import (
+    Abort,
     Ack,
     Disconnect,
     Error,
@@ -53,6 +54,7 @@ __all__ = [
     "ProtocolError",
     "Headers",
     "parse_headers",
+    "Abort",
     "Ack",
     "Disconnect",
     "Error",

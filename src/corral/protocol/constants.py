@@ -39,6 +39,9 @@ class Command(StrEnum):
     #: a client asks about jobs or workers, or acts on a job (retry, cancel);
     #: answered by a REPLY whose outcome carries the answer.
     QUERY = "QUERY"
+    #: the broker tells a corral worker to stop running a job and drop it
+    #: (cancelled, or given to another worker while this one was lost).
+    ABORT = "ABORT"
 
 
 COMMANDS: dict[bytes, Command] = {c.value.encode(): c for c in Command}

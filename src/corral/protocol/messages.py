@@ -280,6 +280,17 @@ class Query(Message):
         return [_json_encode({**self.params, "op": self.op})]
 
 
+class Abort(Message):
+    """corral's order to a worker: stop job ``ref`` (kill its process) and drop it."""
+
+    ref: str = ""
+    reason: str = ""
+    command = Command.ABORT
+
+    def args(self) -> list[bytes]:
+        return [self.ref.encode(), self.reason.encode()]
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -365,6 +376,14 @@ def _p_inform(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
             "bad-inform", f"INFORM type must be worker or scheduler, not {kind!r}", msgid
         )
     meta = _json(rest[2], _object_json, "INFORM meta", msgid) if len(rest) > 2 and rest[2] else None
+    if meta is not None:
+        running = meta.get("running", [])
+        if not isinstance(running, list) or not all(
+            isinstance(job_id, str) and 0 < len(job_id) <= 256 for job_id in running
+        ):
+            raise ProtocolError(
+                "bad-inform", "INFORM meta 'running' must be a list of job ids", msgid
+            )
     return Inform(msgid, queues, kind, meta)
 
 
@@ -467,6 +486,12 @@ def _p_error(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     return Error(msgid, texts[0], texts[1], texts[2])
 
 
+def _p_abort(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
+    _arity(cmd, rest, 1, 2, msgid)
+    ref = _text(rest[0], "ABORT id", msgid)
+    return Abort(msgid, ref, _text(rest[1], "ABORT reason", msgid) if len(rest) > 1 else "")
+
+
 def _p_query(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     _arity(cmd, rest, 1, 1, msgid)
     request = _json(rest[0], _object_json, "QUERY", msgid)
@@ -494,4 +519,5 @@ _PARSERS = {
     Command.ROUTER_SHOW_SCHEDULERS: _p_bare(ShowSchedulers),
     Command.ERROR: _p_error,
     Command.QUERY: _p_query,
+    Command.ABORT: _p_abort,
 }

@@ -111,6 +111,9 @@ class ScheduleDesk:
         self.refused: Counter[str] = Counter()
         self._rr = -1
         self._warned: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        #: Views of schedules recently unscheduled or finished, so that an
+        #: ``unschedule`` sent again (its answer was lost) gets the same answer.
+        self._retired: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     # ------------------------------------------------------------ definitions
 
@@ -156,6 +159,7 @@ class ScheduleDesk:
             s.state = UNSCHEDULED
             s.updated = now / 1000
             self.dirty[s.id] = s
+            self._retire(s)
             log.info("schedule %s unscheduled after %d run(s)", s.id, s.runs)
             if forward is None:
                 forward = _unschedule_frames(s.queue, s.body)
@@ -169,6 +173,7 @@ class ScheduleDesk:
         s.state = FINISHED
         s.updated = now / 1000
         self.dirty[s.id] = s
+        self._retire(s)
         log.info("schedule %s finished: it ran its %d time(s)", s.id, s.runs)
         frames = _unschedule_frames(s.queue, s.body)
         for peer in [*([s.owner] if s.owner != POOL else []), *self.corral]:
@@ -250,6 +255,12 @@ class ScheduleDesk:
             return POOL
         self._rr = (self._rr + 1) % len(self.eventmq)
         return self.eventmq[self._rr]
+
+    def _retire(self, s: Schedule) -> None:
+        self._retired[s.id] = self._view(s)
+        self._retired.move_to_end(s.id)
+        if len(self._retired) > self.config.former_memory:
+            self._retired.popitem(last=False)
 
     def _remember(self, identity: bytes) -> None:
         self.former[identity] = None
@@ -413,9 +424,11 @@ class ScheduleDesk:
                 if not isinstance(sched_id, str):
                     raise _BadQuery("BadRequest", "unschedule needs the schedule's id")
                 s = self.undefine(sched_id, now)
-                if s is None:
-                    raise _BadQuery("NotFound", f"no schedule {sched_id!r}")
-                return _value(self._view(s)), True
+                if s is not None:
+                    return _value(self._view(s)), True
+                if sched_id in self._retired:
+                    return _value(self._retired[sched_id]), True
+                raise _BadQuery("NotFound", f"no schedule {sched_id!r}")
             if op == "schedule":
                 s, status = self.define(_schedule_message(params), now)
                 # Even "unchanged" waits: an identical definition may not be stored yet.

@@ -78,6 +78,9 @@ class Snapshot(msgspec.Struct, kw_only=True):
     jobs: list[JobRecord]
     workers: list[WorkerRecord]
     next_worker_id: int = 1
+    #: Ids of the most recently submitted finished jobs, oldest first, so that a
+    #: restarted broker still refuses a REQUEST that reuses one.
+    finished_ids: list[str] = []
     schedules: list[ScheduleRecord] = []
 
 
@@ -98,8 +101,11 @@ class StoreError(RuntimeError):
 class Store(Protocol):
     url: str
 
-    def open(self) -> Snapshot:
-        """Create or open the store and return what a (re)starting broker needs."""
+    def open(self, recent: int = 100_000) -> Snapshot:
+        """Create or open the store and return what a (re)starting broker needs.
+
+        ``recent`` bounds :attr:`Snapshot.finished_ids` (default 100,000).
+        """
 
     def commit(
         self,
@@ -112,10 +118,17 @@ class Store(Protocol):
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
+    def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The records of those of ``job_ids`` the store has, in no particular order."""
+
     def query_jobs(self, query: JobQuery) -> list[JobRecord]: ...
 
-    def purge(self, finished_before: float) -> int:
-        """Delete finished jobs completed before this time; return how many."""
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
+        """Delete up to ``limit`` finished jobs completed before this time; return how many.
+
+        Called from the writer thread only, repeatedly until it returns less
+        than ``limit``, so that commits go on between two batches.
+        """
 
     def close(self) -> None: ...
 

@@ -18,11 +18,13 @@ class MemoryStore:
         self.meta: dict[str, Any] = {}
         self.schedules: dict[str, ScheduleRecord] = {}
 
-    def open(self) -> Snapshot:
+    def open(self, recent: int = 100_000) -> Snapshot:
+        finished = [j.id for j in self.jobs.values() if j.state in FINISHED_STATES]
         return Snapshot(
             jobs=[j for j in self.jobs.values() if j.state not in FINISHED_STATES],
             workers=list(self.workers.values()),
             next_worker_id=int(self.meta.get("next_worker_id", 1)),
+            finished_ids=finished[-recent:] if recent > 0 else [],
             schedules=[s for s in self.schedules.values() if s.state == "active"],
         )
 
@@ -44,17 +46,20 @@ class MemoryStore:
     def get_job(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)
 
+    def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        return [self.jobs[j] for j in job_ids if j in self.jobs]
+
     def query_jobs(self, query: JobQuery) -> list[JobRecord]:
         found = [j for j in self.jobs.values() if matches(j, query)]
         found.sort(key=lambda j: j.submitted, reverse=True)
         return found[: query.limit]
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
         old = [
             j.id
             for j in self.jobs.values()
             if j.state in FINISHED_STATES and (j.completed or j.submitted) < finished_before
-        ]
+        ][:limit]
         for job_id in old:
             del self.jobs[job_id]
         return len(old)

@@ -8,6 +8,7 @@ default) survives a crash of the broker process; ``fsync=True`` sets
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -112,6 +113,7 @@ class SQLiteStore:
         self.url = f"sqlite:///{path}"
         self.fsync = fsync
         self._write: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         # Reads (job queries) come from other threads than the writer's.
         self._local = threading.local()
 
@@ -144,7 +146,44 @@ class SQLiteStore:
             )
         return StoreError(f"the store {self.path} cannot be used: {text}")
 
-    def open(self) -> Snapshot:
+    def _take_lock(self) -> None:
+        """Hold ``PATH.lock`` for as long as the store is open: one broker per store.
+
+        The kernel drops the lock when the process dies, even by SIGKILL, so a
+        restarted broker gets it back at once.
+        """
+        if self.path == ":memory:" or self._lock_fd is not None:
+            return
+        lock_path = self.path + ".lock"
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"the store {self.path} is in use by another broker (pid {holder}); stop it, "
+                f"or give this one another --data-dir or --store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def open(self, recent: int = 100_000) -> Snapshot:
+        self._take_lock()
+        try:
+            return self._open(recent)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open(self, recent: int) -> Snapshot:
         conn = self._connect()
         try:
             conn.executescript(_SCHEMA)
@@ -175,6 +214,16 @@ class SQLiteStore:
             for w in workers:
                 w.active = bool(w.active)
             row = conn.execute("SELECT value FROM meta WHERE key = 'next_worker_id'").fetchone()
+            # rowid order is insertion (submission) order; an upsert keeps the rowid.
+            finished = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM jobs WHERE state IN ({', '.join('?' * len(_FINISHED))}) "
+                    f"ORDER BY rowid DESC LIMIT ?",
+                    (*_FINISHED, recent),
+                )
+            ]
+            finished.reverse()
             schedules = [
                 ScheduleRecord(**dict(zip(_SCHEDULE_FIELDS, r, strict=True)))
                 for r in conn.execute(
@@ -193,6 +242,7 @@ class SQLiteStore:
             jobs=jobs,
             workers=workers,
             next_worker_id=int(row[0]) if row else 1,
+            finished_ids=finished,
             schedules=schedules,
         )
 
@@ -244,6 +294,21 @@ class SQLiteStore:
         )
         return _job(row) if row else None
 
+    def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        found: list[JobRecord] = []
+        conn = self._reader()
+        for i in range(0, len(job_ids), 500):  # below SQLite's limit of bound parameters
+            chunk = list(job_ids[i : i + 500])
+            found.extend(
+                _job(r)
+                for r in conn.execute(
+                    f"SELECT {', '.join(_JOB_FIELDS)} FROM jobs "
+                    f"WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
+        return found
+
     def query_jobs(self, query: JobQuery) -> list[JobRecord]:
         where: list[str] = []
         args: list[Any] = []
@@ -271,14 +336,20 @@ class SQLiteStore:
         args.append(query.limit)
         return [_job(r) for r in self._reader().execute(sql, args)]
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
         conn = self._write
         assert conn is not None
-        cur = conn.execute(
-            f"DELETE FROM jobs WHERE state IN ({', '.join('?' * len(_FINISHED))}) "
-            f"AND COALESCE(completed, submitted) < ?",
-            (*_FINISHED, finished_before),
-        )
+        # A job completes after it is submitted: "submitted <" lets the (state,
+        # submitted) index find candidates without reading every finished row.
+        try:
+            cur = conn.execute(
+                f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs "
+                f"WHERE state IN ({', '.join('?' * len(_FINISHED))}) AND submitted < ? "
+                f"AND COALESCE(completed, submitted) < ? LIMIT ?)",
+                (*_FINISHED, finished_before, finished_before, limit),
+            )
+        except sqlite3.Error as exc:
+            raise self._explain(exc) from None
         return cur.rowcount
 
     def close(self) -> None:
@@ -289,3 +360,4 @@ class SQLiteStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        self._release_lock()

@@ -25,6 +25,7 @@ from corral._loop import SocketWatcher, send_frames
 from corral.protocol import (
     DEFAULT_BACKEND,
     PROTOCOL,
+    Abort,
     Ack,
     Error,
     Heartbeat,
@@ -214,6 +215,8 @@ class WorkerManager:
                     self._send_ready(self.free_slots)
         elif isinstance(msg, Heartbeat):
             pass
+        elif isinstance(msg, Abort):
+            self._on_abort(msg)
         elif isinstance(msg, Kbye):
             log.warning("the broker is shutting down; waiting for it to come back")
             self._informed = False
@@ -242,6 +245,14 @@ class WorkerManager:
         future = self.pool.run(job_id, params, timeout)
         self.running[job_id] = future
         future.add_done_callback(lambda f, jid=job_id: self._on_done(jid, f))
+
+    def _on_abort(self, msg: Abort) -> None:
+        if msg.ref not in self.running:
+            return  # already finished: the broker ignores what we sent
+        log.warning("job %s aborted by the broker (%s)", msg.ref, msg.reason or "no reason given")
+        # The pool kills the job's process and resolves it as JobCancelled, which
+        # _on_done reports like any outcome (the broker expects it), freeing the slot.
+        self.pool.cancel(msg.ref)
 
     def _on_done(self, job_id: str, future: asyncio.Future[bytes]) -> None:
         if self.running.pop(job_id, None) is None:
