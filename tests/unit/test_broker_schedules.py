@@ -544,6 +544,10 @@ def test_schedule_queries():
     bad = query_schedule(sim, interval=-1, cron="99 * * * *")["error"]
     assert bad["type"] == "BadRequest" and "99 * * * *" in bad["message"]
     assert query_schedule(sim, body=["run", {"path": 3}])["error"]["type"] == "BadRequest"
+    for wrong in ({"interval": "10"}, {"interval": True}, {"queue": 3}, {"color": "red"}):
+        assert query_schedule(sim, **wrong)["error"]["type"] == "BadRequest", wrong
+    assert sim.query("unschedule", id=3)["error"]["type"] == "BadRequest"
+    assert sim.query("schedules", all=True)["error"]["type"] == "BadRequest"
 
 
 def test_a_tick_job_cancelled_before_it_is_stored_never_runs():

@@ -418,11 +418,10 @@ class ScheduleDesk:
         """The outcome for a schedule QUERY, and whether it waits for the store."""
         try:
             if op == "schedules":
+                msgspec.convert(params, _NoParams)
                 return _value([self._view(s) for s in self.table]), False
             if op == "unschedule":
-                sched_id = params.get("id")
-                if not isinstance(sched_id, str):
-                    raise _BadQuery("BadRequest", "unschedule needs the schedule's id")
+                sched_id = msgspec.convert(params, _UnscheduleParams).id
                 s = self.undefine(sched_id, now)
                 if s is not None:
                     return _value(self._view(s)), True
@@ -435,6 +434,8 @@ class ScheduleDesk:
                 return _value({**self._view(s), "status": status}), True
         except _BadQuery as exc:
             return encode_outcome_error(exc.type, str(exc)), False
+        except msgspec.ValidationError as exc:
+            return encode_outcome_error("BadRequest", f"bad arguments for {op}: {exc}"), False
         except ProtocolError as exc:
             return encode_outcome_error("BadRequest", exc.detail), False
         return encode_outcome_error("BadRequest", f"unknown query op {op!r}"), False
@@ -458,22 +459,38 @@ class _BadQuery(Exception):
         self.type = type_
 
 
+class _NoParams(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class _UnscheduleParams(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+
+
+class _ScheduleParams(msgspec.Struct, forbid_unknown_fields=True):
+    """A ``schedule`` QUERY: SCHEDULE's fields, the body as JSON rather than text."""
+
+    body: list[Any]
+    queue: str = "default"
+    headers: str = ""
+    interval: int = -1
+    cron: str = ""
+
+
 def _schedule_message(params: dict[str, Any]) -> ScheduleMessage:
     """The SCHEDULE a ``schedule`` QUERY stands for, validated exactly as one from the wire."""
-    try:
-        frames = [
-            b"",
-            PROTOCOL,
-            b"SCHEDULE",
-            new_msgid().encode(),
-            str(params.get("queue", "default")).encode(),
-            str(params.get("headers", "")).encode(),
-            str(params.get("interval", -1)).encode(),
-            msgspec.json.encode(params.get("body")),
-            str(params.get("cron", "")).encode(),
-        ]
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise _BadQuery("BadRequest", f"bad schedule: {exc}") from None
+    p = msgspec.convert(params, _ScheduleParams)
+    frames = [
+        b"",
+        PROTOCOL,
+        b"SCHEDULE",
+        new_msgid().encode(),
+        p.queue.encode(),
+        p.headers.encode(),
+        str(p.interval).encode(),
+        msgspec.json.encode(p.body),
+        p.cron.encode(),
+    ]
     msg = parse(frames)
     assert isinstance(msg, ScheduleMessage)
     return msg
