@@ -1,4 +1,4 @@
-"""The ``corral`` command: broker, worker, up, submit, status, and job records and control."""
+"""The ``corral`` command: broker, worker, up, submit, status, job records and schedules."""
 
 from __future__ import annotations
 
@@ -152,6 +152,26 @@ _BROKER_OPTIONS = [
         help="Insist on taking back an earlier run's state: refuse to start on a store "
         "that holds none. (A broker always takes back what its store holds.)",
     ),
+    click.option(
+        "--builtin-scheduler/--no-builtin-scheduler",
+        default=True,
+        show_default=True,
+        help="Fire schedules in the broker itself (else only `corral scheduler` processes do).",
+    ),
+    click.option(
+        "--timezone",
+        default="UTC",
+        show_default=True,
+        envvar="CORRAL_TIMEZONE",
+        help="Time zone in which cron schedules read the clock (IANA name).",
+    ),
+    click.option(
+        "--missed-ticks",
+        type=click.Choice(["coalesce", "skip"]),
+        default="coalesce",
+        show_default=True,
+        help="Ticks missed while the broker was down: run once at start, or skip them.",
+    ),
 ]
 
 _WORKER_OPTIONS = [
@@ -242,10 +262,14 @@ def _make_broker(
     retry_backoff_cap: float,
     restore_grace: float | None,
     retention: str,
+    builtin_scheduler: bool,
+    timezone: str,
+    missed_ticks: str,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
+    from corral.scheduler import SchedulerConfig
     from corral.store import StoreError, open_store
 
     if store_url is None:
@@ -256,16 +280,21 @@ def _make_broker(
         raise click.ClickException(str(exc)) from None
     if not 0 < retry_backoff <= retry_backoff_cap:
         raise click.BadParameter("need 0 < --retry-backoff <= --retry-backoff-cap")
-    core = BrokerCore(
-        BrokerConfig(
-            heartbeat_interval=heartbeat,
-            heartbeat_liveness=liveness,
-            max_frame=max_frame,
-            retry_backoff_base=retry_backoff,
-            retry_backoff_cap=retry_backoff_cap,
-            restore_grace=restore_grace,
+    schedules = SchedulerConfig(builtin=builtin_scheduler, timezone=timezone, missed=missed_ticks)
+    try:
+        core = BrokerCore(
+            BrokerConfig(
+                heartbeat_interval=heartbeat,
+                heartbeat_liveness=liveness,
+                max_frame=max_frame,
+                retry_backoff_base=retry_backoff,
+                retry_backoff_cap=retry_backoff_cap,
+                restore_grace=restore_grace,
+                schedules=schedules,
+            )
         )
-    )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timezone") from None
     keep = (
         None if retention.strip().lower() == "forever" else parse_duration(retention, "--retention")
     )
@@ -381,6 +410,9 @@ _BROKER_KEYS = {
     "retry_backoff_cap",
     "restore_grace",
     "retention",
+    "builtin_scheduler",
+    "timezone",
+    "missed_ticks",
 }
 _WORKER_KEYS = {
     "backend",
@@ -645,3 +677,12 @@ def retry_cmd(job_id: str, address: str | None) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
     info = _client_call(address, "retry", job_id)
     click.echo(f"job {info['id']} is {info['state']} again")
+
+
+def _register_schedule_commands() -> None:
+    from corral.scheduler.cli import register
+
+    register(main)
+
+
+_register_schedule_commands()

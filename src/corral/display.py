@@ -48,6 +48,8 @@ def print_status(
         f"completed {stats.get('jobs_completed', 0)}, "
         f"workers lost {stats.get('workers_lost', 0)}"
     )
+    if stats.get("schedules") or stats.get("ticks_fired"):
+        line += f", schedules {stats.get('schedules', 0)} (ticks run {stats.get('ticks_fired', 0)})"
     if bad:
         line += ", malformed messages " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
     console.print(line)

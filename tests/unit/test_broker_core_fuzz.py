@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from corral.broker.core import BrokerConfig, BrokerCore
 from corral.broker.model import JobState
 from corral.protocol import PROTOCOL, RunParams, encode_body
+from corral.scheduler.ids import schedule_id
 from corral.store.memory import MemoryStore
 
 BODY = encode_body(RunParams("m", "f"))
+SID = schedule_id(BODY).encode()
 OUTCOMES = [
     b'{"value": 1}',
     b'{"error": {"type": "ValueError", "message": "m", "traceback": ""}}',
@@ -37,6 +39,18 @@ valid = st.sampled_from(
         ("restart", []),
         ("resolve", []),
         ("frontend", [b"", PROTOCOL, b"INFORM", b"i", b"", b"scheduler"]),
+        ("frontend", [b"", PROTOCOL, b"INFORM", b"i", b"", b"scheduler", b"{}"]),
+        ("frontend", [b"", PROTOCOL, b"SCHEDULE", b"s", b"q", b"", b"2", BODY, b""]),
+        (
+            "frontend",
+            [b"", PROTOCOL, b"SCHEDULE", b"s", b"q", b"nohaste", b"-1", BODY, b"* * * * *"],
+        ),
+        ("frontend", [b"", PROTOCOL, b"UNSCHEDULE", b"s", b"q", b"", b"-1", BODY, b""]),
+        (
+            "frontend",
+            [b"", PROTOCOL, b"REQUEST", SID + b"@1970-01-01T00:00:02.000Z", b"q", b"", BODY],
+        ),
+        ("frontend", [b"", PROTOCOL, b"QUERY", b"s", b'{"op": "schedules"}']),
         ("admin", [b"", PROTOCOL, b"STATUS", b"a"]),
         ("admin", [b"", PROTOCOL, b"ROUTER_SHOW_WORKERS", b"a"]),
         ("tick", []),
@@ -64,7 +78,6 @@ def test_core_survives_any_traffic(ops_):
     now = 0.0
     for peer, (where, frames), n, dt in ops_:
         now += dt
-        store.commit(*core.take_changes())
         if where == "restart":  # a crash: what was committed comes back
             core = BrokerCore(BrokerConfig(heartbeat_interval=1.0))
             core.restore(store.open(), now)
@@ -104,6 +117,10 @@ def test_core_survives_any_traffic(ops_):
                     [b"", PROTOCOL, b"REPLY", b"x", OUTCOMES[n % 3], job_id.encode()],
                     now,
                 )
+        # The server commits, releases what waited for the store, and sends.
+        store.commit(*core.take_changes(), core.take_schedule_changes())
+        core.released(core.acks)
+        core.committed(now)
         core.acks.clear()
         core.outbox.clear()
         _check(core)

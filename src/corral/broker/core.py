@@ -1,7 +1,8 @@
 """The broker's state machine: messages in, messages out, no I/O.
 
 :class:`BrokerCore` owns queues, workers, schedulers and the table of jobs in
-flight. The shell (:mod:`corral.broker.server`) feeds it every message it
+flight; its :class:`~corral.scheduler.desk.ScheduleDesk` owns the schedules.
+The shell (:mod:`corral.broker.server`) feeds it every message it
 receives with the time, and sends what the core appended to :attr:`outbox`.
 Acknowledgements of accepted jobs go to :attr:`acks` instead, so that a shell
 with a store can hold them until the job is durably recorded.
@@ -43,11 +44,15 @@ from corral.protocol import (
     ShowSchedulers,
     ShowWorkers,
     Status,
+    Unschedule,
     encode_outcome_error,
     new_msgid,
     parse,
 )
-from corral.store.base import JobRecord, Snapshot, WorkerRecord
+from corral.scheduler.desk import OPS as SCHEDULE_OPS
+from corral.scheduler.desk import Claim, Refusal, ScheduleDesk, SchedulerConfig
+from corral.scheduler.ids import schedule_id, tick_id
+from corral.store.base import JobRecord, ScheduleRecord, Snapshot, WorkerRecord
 
 log = logging.getLogger("corral.broker")
 
@@ -90,6 +95,7 @@ class BrokerConfig:
     #: Ids of recently finished jobs remembered to refuse a duplicate REQUEST.
     recent_ids: int = 100_000
     seed: int | None = None
+    schedules: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 @dataclass(slots=True)
@@ -122,8 +128,12 @@ class BrokerCore:
         self.stopping = False
         self._next_heartbeat = 0.0
         self._logged: OrderedDict[tuple[bytes, str], None] = OrderedDict()
-        self._pending_schedules: list[list[bytes]] = []
-        self._rr_scheduler = 0
+        #: Schedules, who fires them, and which of their ticks count.
+        self.desk = ScheduleDesk(self.config.schedules, self._to_scheduler)
+        #: Jobs of ticks, dispatched only once stored (a broker restarted at a
+        #: tick fires it again under the same id, so it must not have run yet).
+        self._ticks_unsaved: list[Job] = []
+        self._ticks_saving: list[Job] = []
         #: Add to a monotonic ``now`` to get wall-clock time (set by the shell).
         self.wall_offset = 0.0
         #: Jobs and workers changed since the last :meth:`take_changes`.
@@ -167,24 +177,26 @@ class BrokerCore:
         msg = self._parse(Dest.FRONTEND, identity, frames)
         if msg is None:
             return
+        sched = self.schedulers.get(identity)
+        if sched is not None:
+            sched.last_seen = now  # any message from a scheduler counts as a heartbeat
         if isinstance(msg, Request):
             self._on_request(identity, msg, frames, now)
         elif isinstance(msg, Query):
-            self.queries.append((identity, msg))
+            if msg.op in SCHEDULE_OPS:
+                self._on_schedule_query(identity, msg, now)
+            else:
+                self.queries.append((identity, msg))
         elif isinstance(msg, Inform):
             self._on_scheduler_inform(identity, msg, now)
-        elif isinstance(msg, Heartbeat):
-            sched = self.schedulers.get(identity)
-            if sched is not None:
-                sched.last_seen = now
         elif isinstance(msg, Schedule):  # and Unschedule
-            self._on_schedule(identity, msg, frames)
+            self._on_schedule(identity, msg, frames, now)
         elif isinstance(msg, Kbye):
-            self.schedulers.pop(identity, None)
+            self._drop_scheduler(identity)
         elif isinstance(msg, Disconnect):
             self.stopping = True
-        elif isinstance(msg, Ack | Reply | Error):
-            pass  # schedulers may answer us; nothing to do
+        elif isinstance(msg, Ack | Reply | Error | Heartbeat):
+            pass  # schedulers answer us and heartbeat (their liveness is noted above)
         else:
             self._refuse(
                 Dest.FRONTEND,
@@ -278,7 +290,8 @@ class BrokerCore:
             self._remove_worker(worker, now, reason="stopped heartbeating")
         for sched in [s for s in self.schedulers.values() if s.last_seen < deadline]:
             log.warning("scheduler %s stopped heartbeating; dropped", sched.name)
-            del self.schedulers[sched.identity]
+            self._drop_scheduler(sched.identity)
+        self._fire_due(now)
         if self.stats.duplicate_outcomes != self._duplicates_reported:
             log.info(
                 "%d second outcome(s) of finished jobs ignored (first outcome wins)",
@@ -303,6 +316,9 @@ class BrokerCore:
         due = self._next_heartbeat
         if heap:
             due = min(due, heap[0][0])
+        tick = self.desk.next_due()
+        if tick is not None:
+            due = min(due, (tick + 1) / 1000 - self.wall_offset)
         return due
 
     def shutdown(self) -> None:
@@ -316,12 +332,17 @@ class BrokerCore:
         """The shell could not route to ``identity`` (it disconnected)."""
         if dest is Dest.BACKEND and identity in self.workers:
             self._remove_worker(self.workers[identity], now, reason="is unreachable")
+        elif dest is Dest.FRONTEND and identity in self.schedulers:
+            self._drop_scheduler(identity)
 
     # ------------------------------------------------------------ jobs
 
     def _on_request(
         self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float
     ) -> None:
+        if self.desk.is_tick(identity, msg.msgid):
+            self._on_tick(identity, msg, frames, now)
+            return
         if msg.msgid in self.jobs or msg.msgid in self._recent:
             self._refuse(
                 Dest.FRONTEND,
@@ -818,32 +839,89 @@ class BrokerCore:
                 Dest.FRONTEND, identity, "bad-inform", "workers INFORM on the backend", msg.msgid
             )
             return
-        self.schedulers[identity] = Scheduler(identity, now)
+        corral = msg.meta is not None
+        self.schedulers[identity] = Scheduler(identity, now, corral=corral)
         self.outbox.append((Dest.FRONTEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
         self.outbox.append((Dest.FRONTEND, identity, _heartbeat(repr(now).encode())))
-        log.info("scheduler %s joined", peer_name(identity))
-        pending, self._pending_schedules = self._pending_schedules, []
-        for frames in pending:
-            self._route_schedule(frames)
+        log.info("%s scheduler %s joined", "corral" if corral else "EventMQ", peer_name(identity))
+        self.desk.joined(identity, corral=corral)
 
-    def _on_schedule(self, identity: bytes, msg: Schedule, frames: Sequence[bytes]) -> None:
+    def _drop_scheduler(self, identity: bytes) -> None:
+        if self.schedulers.pop(identity, None) is not None:
+            self.desk.left(identity)
+
+    def _to_scheduler(self, identity: bytes, frames: list[bytes]) -> None:
+        self.outbox.append((Dest.FRONTEND, identity, frames))
+
+    def _wall_ms(self, now: float) -> int:
+        return round((now + self.wall_offset) * 1000)
+
+    def _on_schedule(
+        self, identity: bytes, msg: Schedule, frames: Sequence[bytes], now: float
+    ) -> None:
+        wall = self._wall_ms(now)
+        try:
+            if isinstance(msg, Unschedule):
+                self.desk.undefine(schedule_id(msg.body), wall, forward=list(frames))
+            else:
+                self.desk.define(msg, wall)
+        except ProtocolError as exc:
+            self._bad_input(Dest.FRONTEND, identity, exc, frames)
+            return
+        # Acknowledged once stored, like a job.
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
         )
-        self._route_schedule(list(frames))
+        self._fire_due(now)
 
-    def _route_schedule(self, frames: list[bytes]) -> None:
-        scheds = list(self.schedulers.values())
-        if not scheds:
-            self._pending_schedules.append(frames)
-            return
-        if frames[2] == b"UNSCHEDULE":
-            targets = scheds
+    def _on_schedule_query(self, identity: bytes, msg: Query, now: float) -> None:
+        outcome, held = self.desk.answer(msg.op, msg.params, self._wall_ms(now))
+        reply = (
+            Dest.FRONTEND,
+            identity,
+            [b"", PROTOCOL, _REPLY, new_msgid().encode(), outcome, msg.msgid.encode()],
+        )
+        if held:
+            self.acks.append(reply)
+            self.held_results = True
         else:
-            self._rr_scheduler = (self._rr_scheduler + 1) % len(scheds)
-            targets = [scheds[self._rr_scheduler]]
-        for sched in targets:
-            self.outbox.append((Dest.FRONTEND, sched.identity, frames))
+            self.outbox.append(reply)
+        self._fire_due(now)
+
+    def _on_tick(self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float) -> None:
+        """A scheduler sent a tick: the desk decides whether it counts."""
+        answer = self.desk.claim(identity, msg, self._wall_ms(now))
+        if isinstance(answer, Refusal):
+            # Routine with two schedulers racing: the loser is told, not logged.
+            log.debug("tick %s from %s refused: %s", msg.msgid, peer_name(identity), answer.detail)
+            self._refuse(
+                Dest.FRONTEND, identity, answer.reason, answer.detail, msg.msgid, log_it=False
+            )
+            return
+        self._start_tick(answer, now, identity)
+        self.acks.append(
+            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
+        )
+
+    def _fire_due(self, now: float) -> None:
+        for claim in self.desk.due(self._wall_ms(now)):
+            self._start_tick(claim, now, b"")
+
+    def _start_tick(self, claim: Claim, now: float, submitter: bytes) -> None:
+        s, tick = claim
+        job_id = tick_id(s.id, tick)
+        if job_id in self.jobs or job_id in self._recent:
+            return
+        headers = s.job_headers()
+        frames = [s.queue.encode(), headers.encode().encode(), s.body]
+        self._queue(s.queue)  # it is counted (and may be cancelled) before it is queued
+        job = Job(job_id, s.queue, headers, frames, submitter, now)
+        job.submitted_at = now + self.wall_offset
+        job.label = headers.get("label")
+        self.jobs[job_id] = job
+        self.dirty[job_id] = job
+        self.stats.accepted += 1
+        self._ticks_unsaved.append(job)
 
     # ------------------------------------------------------------ admin views
 
@@ -866,6 +944,7 @@ class BrokerCore:
             "jobs_completed": self.stats.completed,
             "workers": len(self.workers),
             "schedulers": len(self.schedulers),
+            **self.desk.status(),
             "workers_lost": self.stats.workers_lost,
             "jobs_requeued": self.stats.requeued,
             "jobs_retried": self.stats.retried,
@@ -1001,7 +1080,20 @@ class BrokerCore:
         meta = {"next_worker_id": self.next_worker_id} if workers else {}
         self.dirty = {}
         self.dirty_workers = {}
+        self._ticks_saving.extend(self._ticks_unsaved)
+        self._ticks_unsaved = []
         return jobs, workers, meta
+
+    def take_schedule_changes(self) -> list[ScheduleRecord]:
+        """Schedules changed since the last call, for the same transaction as the jobs."""
+        return self.desk.take_changes()
+
+    def committed(self, now: float) -> None:
+        """The store has everything taken so far: ticks' jobs may run now."""
+        ticks, self._ticks_saving = self._ticks_saving, []
+        for job in ticks:
+            if self.jobs.get(job.id) is job and job.state is JobState.QUEUED:
+                self._enqueue(job, now)
 
     def restore(self, snapshot: Snapshot, now: float) -> None:
         """Take back a store's state at start: worker ids, queues, retries, running jobs.
@@ -1010,6 +1102,7 @@ class BrokerCore:
         within ``restore_grace`` seconds; it keeps those it still runs.
         """
         self.next_worker_id = max(self.next_worker_id, snapshot.next_worker_id)
+        self.desk.restore(snapshot.schedules, self._wall_ms(now))
         for w in snapshot.workers:
             self.worker_ids[w.uuid] = w.id
             self.next_worker_id = max(self.next_worker_id, w.id + 1)

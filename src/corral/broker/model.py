@@ -82,6 +82,8 @@ class Worker:
 class Scheduler:
     identity: bytes
     last_seen: float
+    #: A corral scheduler process (it names its ticks); else an EventMQ scheduler.
+    corral: bool = False
 
     @property
     def name(self) -> str:

@@ -21,10 +21,11 @@ from typing import Any
 import msgspec
 import zmq
 
+from corral._clock import follow_wall_clock
 from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest, job_record
 from corral.broker.queries import QueryHandler
-from corral.store.base import JobRecord, Store, StoreError, WorkerRecord
+from corral.store.base import JobRecord, ScheduleRecord, Store, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
 
 log = logging.getLogger("corral.broker")
@@ -74,9 +75,10 @@ class BrokerServer:
         # One writer thread: commits happen in order, off the event loop.
         self._executor: ThreadPoolExecutor | None = None
         self._committing = False
-        self._unsaved: tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list] | None = (
-            None
-        )
+        self._unsaved: (
+            tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list, list[ScheduleRecord]]
+            | None
+        ) = None
         self.commits = 0
         self.commit_failures = 0
         #: Seconds changes may wait to share a transaction (SQLite store only).
@@ -118,7 +120,8 @@ class BrokerServer:
         from an earlier run, so a mistyped path does not start an empty broker.
         """
         snapshot = self.store.open(recent=self.core.config.recent_ids)
-        if require_state and not (snapshot.jobs or snapshot.workers or snapshot.finished_ids):
+        held = snapshot.jobs or snapshot.workers or snapshot.finished_ids or snapshot.schedules
+        if require_state and not held:
             self.store.close()
             raise StoreError(
                 f"--restore: the store {self.store.url} holds nothing from an earlier run "
@@ -288,7 +291,7 @@ class BrokerServer:
         if core.lookups:
             lookups, core.lookups = core.lookups, []
             asyncio.ensure_future(self._look_up(lookups))
-        if core.acks or core.dirty or core.dirty_workers:
+        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
             self._schedule_commit()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
@@ -344,28 +347,33 @@ class BrokerServer:
             return
         core = self.core
         jobs, workers, meta = core.take_changes()
+        schedules = core.take_schedule_changes()
         acks, core.acks = core.acks, []
         if self._unsaved is not None:
-            old_jobs, old_workers, old_meta, old_acks = self._unsaved
+            old_jobs, old_workers, old_meta, old_acks, old_schedules = self._unsaved
             self._unsaved = None
             jobs, workers = old_jobs + jobs, old_workers + workers
             meta, acks = {**old_meta, **meta}, old_acks + acks
-        if not (jobs or workers or meta or acks):
+            schedules = old_schedules + schedules
+        if not (jobs or workers or meta or acks or schedules):
             return
+        batch = (jobs, workers, meta, acks, schedules)
         for rec in jobs:
             self._uncommitted[rec.id] = rec
         if self._executor is None or sync:
             try:
-                self.store.commit(jobs, workers, meta)
+                self.store.commit(jobs, workers, meta, schedules)
             except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
-                self._commit_failed(exc, (jobs, workers, meta, acks))
+                self._commit_failed(exc, batch)
                 return
             self._committed(acks)
             return
         self._committing = True
         assert self._loop is not None
-        future = self._loop.run_in_executor(self._executor, self.store.commit, jobs, workers, meta)
-        future.add_done_callback(lambda f: self._commit_done(f, (jobs, workers, meta, acks)))
+        future = self._loop.run_in_executor(
+            self._executor, self.store.commit, jobs, workers, meta, schedules
+        )
+        future.add_done_callback(lambda f: self._commit_done(f, batch))
 
     def _commit_done(self, future: asyncio.Future[None], batch: tuple) -> None:
         self._committing = False
@@ -374,7 +382,8 @@ class BrokerServer:
             self._commit_failed(exc, batch)
             return
         self._committed(batch[3])
-        if self.core.acks or self.core.dirty or self.core.dirty_workers:
+        core = self.core
+        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
             self._commit()
 
     def _committed(self, acks: list) -> None:
@@ -383,6 +392,7 @@ class BrokerServer:
         self.commits += 1
         self._send(acks)
         self.core.released(acks)
+        self.core.committed(time.monotonic())
         self._flush()
 
     def _commit_failed(self, exc: BaseException, batch: tuple) -> None:
@@ -457,6 +467,7 @@ class BrokerServer:
     def _tick(self) -> None:
         assert self._loop is not None
         now = time.monotonic()
+        follow_wall_clock(self.core, now)
         due = self.core.tick(now)
         self._flush()
         delay = max(0.05, min(due - now, self.core.config.heartbeat_interval / 3))

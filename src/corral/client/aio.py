@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import zmq
@@ -19,6 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
+from corral.client.schedules import schedule_params
 from corral.client.sync import configure_socket
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, NotAcknowledged
@@ -266,6 +268,52 @@ class AsyncClient:
         finally:
             for job in in_flight:
                 job.cancel()
+
+    # ------------------------------------------------------------ schedules
+
+    async def schedule(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        every: timedelta | float | None = None,
+        cron: str | None = None,
+        queue: str | None = None,
+        run_count: int | None = None,
+        nohaste: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Schedule ``fn(*args, **kwargs)``; the schedule's id once stored.
+
+        Arguments and defaults as in :meth:`corral.Client.schedule`.
+        """
+        params = schedule_params(
+            fn,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            queue=queue,
+            run_count=run_count,
+            nohaste=nohaste,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
+        return (await self.query("schedule", **params))["id"]
+
+    async def unschedule(self, schedule_id: str) -> dict[str, Any]:
+        """Stop a schedule for good; returns its last record. Raises NotFound if unknown."""
+        return await self.query("unschedule", id=schedule_id)
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every active schedule (see :meth:`corral.Client.schedules`)."""
+        return await self.query("schedules")
 
     # ------------------------------------------------------------ lifecycle
 

@@ -18,6 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import InvalidStateError
+from datetime import timedelta
 from time import monotonic
 from typing import Any
 
@@ -27,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
+from corral.client.schedules import schedule_params
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, JobFailed, NotAcknowledged
 from corral.protocol import Query, new_msgid
@@ -312,6 +314,62 @@ class Client:
             events.close()
             raise
         return events
+
+    # ------------------------------------------------------------ schedules
+
+    def schedule(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        every: timedelta | float | None = None,
+        cron: str | None = None,
+        queue: str | None = None,
+        run_count: int | None = None,
+        nohaste: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Run ``fn(*args, **kwargs)`` every ``every`` seconds (or ``timedelta``), or at ``cron``.
+
+        Returns the schedule's id once the broker has stored it. Give exactly
+        one of ``every`` and ``cron`` (5 fields, in the broker's time zone). It
+        runs at once and then on each tick unless ``nohaste=True`` (default
+        ``False``); ``run_count`` (default ``None``: forever) stops it after
+        that many runs. ``queue`` (default: the task's queue, else
+        ``"default"``), ``timeout``, ``retries``, ``guarantee`` and ``label``
+        are as in :meth:`submit`, for every job it runs. Scheduling the same
+        call again with the same options changes nothing; with other options
+        it replaces the schedule (the id is that of the call: target and
+        arguments). Raises ``TypeError``/``ValueError`` before sending and
+        :class:`~corral.errors.BadRequest` for what the broker refuses.
+        """
+        params = schedule_params(
+            fn,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            queue=queue,
+            run_count=run_count,
+            nohaste=nohaste,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
+        return self.query("schedule", **params)["id"]
+
+    def unschedule(self, schedule_id: str) -> dict[str, Any]:
+        """Stop a schedule for good; returns its last record. Raises NotFound if unknown."""
+        return self.query("unschedule", id=schedule_id)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every active schedule: target, cadence, runs, last and next run, who runs it."""
+        return self.query("schedules")
 
     def map(
         self,
