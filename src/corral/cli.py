@@ -1,4 +1,4 @@
-"""The ``corral`` command: broker, worker, up, gateway, submit, status."""
+"""The ``corral`` command: broker, worker, up, gateway, submit, status, job records, schedules."""
 
 from __future__ import annotations
 
@@ -28,6 +28,25 @@ def _setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_duration(text: str, option: str = "duration") -> float:
+    """``"90"`` or ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` -> seconds."""
+    value = text.strip().lower()
+    scale = _UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use a number of seconds or e.g. 30m, 12h, 7d", param_hint=option
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise click.BadParameter(f"{text!r} must be >= 0", param_hint=option)
+    return seconds
 
 
 def parse_queues(text: str) -> tuple[tuple[int, str], ...]:
@@ -123,10 +142,38 @@ _BROKER_OPTIONS = [
         "back before those jobs count as lost [default: --liveness heartbeat intervals].",
     ),
     click.option(
+        "--retention",
+        default="7d",
+        show_default=True,
+        metavar="DURATION",
+        help="How long records and results of finished jobs are kept (e.g. 12h, 7d; "
+        "'forever' keeps them).",
+    ),
+    click.option(
         "--restore",
         is_flag=True,
         help="Insist on taking back an earlier run's state: refuse to start on a store "
         "that holds none. (A broker always takes back what its store holds.)",
+    ),
+    click.option(
+        "--builtin-scheduler/--no-builtin-scheduler",
+        default=True,
+        show_default=True,
+        help="Fire schedules in the broker itself (else only `corral scheduler` processes do).",
+    ),
+    click.option(
+        "--timezone",
+        default="UTC",
+        show_default=True,
+        envvar="CORRAL_TIMEZONE",
+        help="Time zone in which cron schedules read the clock (IANA name).",
+    ),
+    click.option(
+        "--missed-ticks",
+        type=click.Choice(["coalesce", "skip"]),
+        default="coalesce",
+        show_default=True,
+        help="Ticks missed while the broker was down: run once at start, or skip them.",
     ),
 ]
 
@@ -217,10 +264,15 @@ def _make_broker(
     retry_backoff: float,
     retry_backoff_cap: float,
     restore_grace: float | None,
+    retention: str,
+    builtin_scheduler: bool,
+    timezone: str,
+    missed_ticks: str,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
+    from corral.scheduler import SchedulerConfig
     from corral.store import StoreError, open_store
 
     if store_url is None:
@@ -231,18 +283,32 @@ def _make_broker(
         raise click.ClickException(str(exc)) from None
     if not 0 < retry_backoff <= retry_backoff_cap:
         raise click.BadParameter("need 0 < --retry-backoff <= --retry-backoff-cap")
-    core = BrokerCore(
-        BrokerConfig(
-            heartbeat_interval=heartbeat,
-            heartbeat_liveness=liveness,
-            max_frame=max_frame,
-            retry_backoff_base=retry_backoff,
-            retry_backoff_cap=retry_backoff_cap,
-            restore_grace=restore_grace,
+    schedules = SchedulerConfig(builtin=builtin_scheduler, timezone=timezone, missed=missed_ticks)
+    try:
+        core = BrokerCore(
+            BrokerConfig(
+                heartbeat_interval=heartbeat,
+                heartbeat_liveness=liveness,
+                max_frame=max_frame,
+                retry_backoff_base=retry_backoff,
+                retry_backoff_cap=retry_backoff_cap,
+                restore_grace=restore_grace,
+                schedules=schedules,
+            )
         )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timezone") from None
+    keep = (
+        None if retention.strip().lower() == "forever" else parse_duration(retention, "--retention")
     )
     server = BrokerServer(
-        core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
+        core,
+        frontend=frontend,
+        backend=backend,
+        admin=admin,
+        notify=notify or None,
+        store=store,
+        retention=keep,
     )
     try:
         server.open_store(require_state=restore)
@@ -352,6 +418,10 @@ _BROKER_KEYS = {
     "retry_backoff",
     "retry_backoff_cap",
     "restore_grace",
+    "retention",
+    "builtin_scheduler",
+    "timezone",
+    "missed_ticks",
 }
 _WORKER_KEYS = {
     "backend",
@@ -539,7 +609,11 @@ def job_cmd(job_id: str, address: str | None, as_json: bool) -> None:
 )
 @click.option("--dead", is_flag=True, help="Only dead jobs (the dead-letter set).")
 @click.option("--queue", "-q", default=None)
-@click.option("--label", default=None)
+@click.option("--label", default=None, help="Only jobs submitted with this label.")
+@click.option("--worker", "worker_id", type=int, default=None, help="Only jobs of this worker id.")
+@click.option(
+    "--since", default=None, metavar="DURATION", help="Only jobs submitted this long ago or since."
+)
 @click.option("--limit", "-n", default=50, show_default=True)
 @_BROKER_OPTION
 @_JSON_OPTION
@@ -548,14 +622,25 @@ def jobs_cmd(
     dead: bool,
     queue: str | None,
     label: str | None,
+    worker_id: int | None,
+    since: str | None,
     limit: int,
     address: str | None,
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
+    import time
+
     states = [*state, *(["dead"] if dead else [])]
     found = _client_call(
-        address, "jobs", state=states or None, queue=queue, label=label, limit=limit
+        address,
+        "jobs",
+        state=states or None,
+        queue=queue,
+        label=label,
+        worker_id=worker_id,
+        since=None if since is None else time.time() - parse_duration(since, "--since"),
+        limit=limit,
     )
     if as_json:
         click.echo(json.dumps(found, indent=2, sort_keys=True))
@@ -563,6 +648,37 @@ def jobs_cmd(
     from corral.display import print_jobs
 
     print_jobs(found)
+
+
+@main.command("cancel")
+@click.argument("job_id")
+@_BROKER_OPTION
+@_JSON_OPTION
+def cancel_cmd(job_id: str, address: str | None, as_json: bool) -> None:
+    """Cancel a job: a queued one never runs, a running one's process is killed."""
+    answer = _client_call(address, "cancel", job_id)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+    elif answer["cancelled"]:
+        click.echo(f"job {answer['id']} cancelled (it was {answer['was']})")
+    else:
+        click.echo(answer["detail"])
+
+
+@main.command("purge")
+@click.option(
+    "--older-than",
+    default="7d",
+    show_default=True,
+    metavar="DURATION",
+    help="Delete records of jobs that ended longer ago than this (e.g. 90s, 30m, 12h, 7d).",
+)
+@_BROKER_OPTION
+def purge_cmd(older_than: str, address: str | None) -> None:
+    """Delete the records (and results) of jobs that ended long ago."""
+    seconds = parse_duration(older_than, "--older-than")
+    purged = _client_call(address, "purge", seconds)
+    click.echo(f"purged {purged} job record(s) that ended over {older_than} ago")
 
 
 @main.command("retry")
@@ -574,4 +690,11 @@ def retry_cmd(job_id: str, address: str | None) -> None:
     click.echo(f"job {info['id']} is {info['state']} again")
 
 
+def _register_schedule_commands() -> None:
+    from corral.scheduler.cli import register
+
+    register(main)
+
+
+_register_schedule_commands()
 main.add_command(gateway_command)

@@ -16,13 +16,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def up(cluster):
-    cluster.broker()
-    cluster.worker(concurrency=2, imports=("corral.examples", "tests.jobs"))
-    return cluster
-
-
-@pytest.fixture
 def client(up):
     with corral.Client(up.addrs.frontend) as c:
         yield c

@@ -21,16 +21,27 @@ from typing import Any
 import msgspec
 import zmq
 
+from corral._clock import follow_wall_clock
 from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest, job_record
 from corral.broker.queries import QueryHandler
-from corral.store.base import JobRecord, Store, StoreError, WorkerRecord
+from corral.store.base import JobRecord, ScheduleRecord, Store, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
 
 log = logging.getLogger("corral.broker")
 
 #: Messages handled per socket before the loop gets a chance to do other work.
 BATCH = 256
+#: Seconds after start, and then between, purges of expired job records.
+PURGE_FIRST = 60.0
+PURGE_EVERY = 3600.0
+#: Records deleted per store transaction by a purge.
+PURGE_BATCH = 5000
+
+
+def _log_purge_failure(task: asyncio.Future[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not purge expired job records: %s", task.exception())
 
 
 class AddressInUse(RuntimeError):
@@ -53,6 +64,7 @@ class BrokerServer:
         notify: str | None = None,
         store: Store | None = None,
         commit_delay: float = 0.002,
+        retention: float | None = 7 * 86400.0,
         context: zmq.Context | None = None,
     ) -> None:
         self.core = core
@@ -63,9 +75,10 @@ class BrokerServer:
         # One writer thread: commits happen in order, off the event loop.
         self._executor: ThreadPoolExecutor | None = None
         self._committing = False
-        self._unsaved: tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list] | None = (
-            None
-        )
+        self._unsaved: (
+            tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list, list[ScheduleRecord]]
+            | None
+        ) = None
         self.commits = 0
         self.commit_failures = 0
         #: Seconds changes may wait to share a transaction (SQLite store only).
@@ -82,7 +95,11 @@ class BrokerServer:
             time.monotonic,
             self.unstored_records,
             notify,
+            self.purge,
         )
+        #: Seconds a finished job's record is kept (``None``: forever).
+        self.retention = retention
+        self._purge_timer: asyncio.TimerHandle | None = None
         self.context = context or zmq.Context.instance()
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
@@ -103,7 +120,8 @@ class BrokerServer:
         from an earlier run, so a mistyped path does not start an empty broker.
         """
         snapshot = self.store.open(recent=self.core.config.recent_ids)
-        if require_state and not (snapshot.jobs or snapshot.workers or snapshot.finished_ids):
+        held = snapshot.jobs or snapshot.workers or snapshot.finished_ids or snapshot.schedules
+        if require_state and not held:
             self.store.close()
             raise StoreError(
                 f"--restore: the store {self.store.url} holds nothing from an earlier run "
@@ -175,6 +193,8 @@ class BrokerServer:
             except (ValueError, RuntimeError):
                 pass  # not the main thread: the owner stops us
         self._tick()
+        if self.retention is not None:
+            self._purge_timer = self._loop.call_later(PURGE_FIRST, self._purge_expired)
         for dest in self.sockets:
             self._drain(dest)
         if self.on_bound:
@@ -193,6 +213,8 @@ class BrokerServer:
         assert self._loop is not None
         if self._timer:
             self._timer.cancel()
+        if self._purge_timer:
+            self._purge_timer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._loop.remove_signal_handler(sig)
@@ -266,7 +288,10 @@ class BrokerServer:
             queries, core.queries = core.queries, []
             for identity, query in queries:
                 self.queries.handle(identity, query)
-        if core.acks or core.dirty or core.dirty_workers:
+        if core.lookups:
+            lookups, core.lookups = core.lookups, []
+            asyncio.ensure_future(self._look_up(lookups))
+        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
             self._schedule_commit()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
@@ -322,28 +347,33 @@ class BrokerServer:
             return
         core = self.core
         jobs, workers, meta = core.take_changes()
+        schedules = core.take_schedule_changes()
         acks, core.acks = core.acks, []
         if self._unsaved is not None:
-            old_jobs, old_workers, old_meta, old_acks = self._unsaved
+            old_jobs, old_workers, old_meta, old_acks, old_schedules = self._unsaved
             self._unsaved = None
             jobs, workers = old_jobs + jobs, old_workers + workers
             meta, acks = {**old_meta, **meta}, old_acks + acks
-        if not (jobs or workers or meta or acks):
+            schedules = old_schedules + schedules
+        if not (jobs or workers or meta or acks or schedules):
             return
+        batch = (jobs, workers, meta, acks, schedules)
         for rec in jobs:
             self._uncommitted[rec.id] = rec
         if self._executor is None or sync:
             try:
-                self.store.commit(jobs, workers, meta)
+                self.store.commit(jobs, workers, meta, schedules)
             except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
-                self._commit_failed(exc, (jobs, workers, meta, acks))
+                self._commit_failed(exc, batch)
                 return
             self._committed(acks)
             return
         self._committing = True
         assert self._loop is not None
-        future = self._loop.run_in_executor(self._executor, self.store.commit, jobs, workers, meta)
-        future.add_done_callback(lambda f: self._commit_done(f, (jobs, workers, meta, acks)))
+        future = self._loop.run_in_executor(
+            self._executor, self.store.commit, jobs, workers, meta, schedules
+        )
+        future.add_done_callback(lambda f: self._commit_done(f, batch))
 
     def _commit_done(self, future: asyncio.Future[None], batch: tuple) -> None:
         self._committing = False
@@ -352,7 +382,8 @@ class BrokerServer:
             self._commit_failed(exc, batch)
             return
         self._committed(batch[3])
-        if self.core.acks or self.core.dirty or self.core.dirty_workers:
+        core = self.core
+        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
             self._commit()
 
     def _committed(self, acks: list) -> None:
@@ -361,6 +392,7 @@ class BrokerServer:
         self.commits += 1
         self._send(acks)
         self.core.released(acks)
+        self.core.committed(time.monotonic())
         self._flush()
 
     def _commit_failed(self, exc: BaseException, batch: tuple) -> None:
@@ -372,6 +404,53 @@ class BrokerServer:
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)
+
+    # ------------------------------------------------------------ store reads and upkeep
+
+    async def _look_up(self, job_ids: list[str]) -> None:
+        """Tell the core how jobs it does not remember ended (for jobs waiting on them)."""
+        newer = self.unstored_records()
+        try:
+            found = {rec.id: rec for rec in await self._in_thread(self.store.get_jobs, job_ids)}
+        except Exception:  # noqa: BLE001 - retried: the dependents must not wait forever
+            log.exception("could not read %d job(s) from the store; trying again", len(job_ids))
+            assert self._loop is not None
+            self._loop.call_later(1.0, lambda: asyncio.ensure_future(self._look_up(job_ids)))
+            return
+        found.update((i, newer[i]) for i in job_ids if i in newer)
+        now = time.monotonic()
+        for job_id in job_ids:
+            rec = found.get(job_id)
+            self.core.resolve_dependency(job_id, rec.state if rec else None, now)
+        self._flush()
+
+    async def purge(self, older_than: float) -> int:
+        """Delete records of jobs that ended over ``older_than`` s ago; return how many.
+
+        Runs in the writer thread, in batches, so commits go on in between.
+        """
+        cutoff = time.time() - older_than
+        total = 0
+        while True:
+            if self._executor is None:
+                count = self.store.purge(cutoff, PURGE_BATCH)
+            else:
+                assert self._loop is not None
+                count = await self._loop.run_in_executor(
+                    self._executor, self.store.purge, cutoff, PURGE_BATCH
+                )
+            total += count
+            if count < PURGE_BATCH:
+                break
+        if total:
+            log.info("purged %d job record(s) that ended over %.0f s ago", total, older_than)
+        return total
+
+    def _purge_expired(self) -> None:
+        assert self._loop is not None and self.retention is not None
+        self._purge_timer = self._loop.call_later(PURGE_EVERY, self._purge_expired)
+        task = asyncio.ensure_future(self.purge(self.retention))
+        task.add_done_callback(_log_purge_failure)
 
     def unstored_records(self) -> dict[str, JobRecord]:
         """Jobs whose newest state the store does not have yet (it lags by one commit).
@@ -388,6 +467,7 @@ class BrokerServer:
     def _tick(self) -> None:
         assert self._loop is not None
         now = time.monotonic()
+        follow_wall_clock(self.core, now)
         due = self.core.tick(now)
         self._flush()
         delay = max(0.05, min(due - now, self.core.config.heartbeat_interval / 3))

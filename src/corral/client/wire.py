@@ -89,8 +89,10 @@ def resync_queries(job_ids: list[str]) -> list[Query]:
     restarted meanwhile): an outcome the broker produced while the client was
     away could not be routed to it.
     """
+    # ``listen``: jobs this client did not submit (``client.job(id)``) are sent here
+    # when they end; a restarted broker has forgotten who listened.
     return [
-        Query(new_msgid(), "outcomes", {"ids": job_ids[i : i + RESYNC_BATCH]})
+        Query(new_msgid(), "outcomes", {"ids": job_ids[i : i + RESYNC_BATCH], "listen": True})
         for i in range(0, len(job_ids), RESYNC_BATCH)
     ]
 

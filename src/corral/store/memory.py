@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from corral.store.base import JobQuery, JobRecord, Snapshot, WorkerRecord
+from corral.store.base import JobQuery, JobRecord, ScheduleRecord, Snapshot, WorkerRecord
 from corral.store.query import FINISHED_STATES, matches
 
 
@@ -16,6 +16,7 @@ class MemoryStore:
         self.jobs: dict[str, JobRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.meta: dict[str, Any] = {}
+        self.schedules: dict[str, ScheduleRecord] = {}
 
     def open(self, recent: int = 100_000) -> Snapshot:
         finished = [j.id for j in self.jobs.values() if j.state in FINISHED_STATES]
@@ -24,16 +25,23 @@ class MemoryStore:
             workers=list(self.workers.values()),
             next_worker_id=int(self.meta.get("next_worker_id", 1)),
             finished_ids=finished[-recent:] if recent > 0 else [],
+            schedules=[s for s in self.schedules.values() if s.state == "active"],
         )
 
     def commit(
-        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+        self,
+        jobs: Sequence[JobRecord],
+        workers: Sequence[WorkerRecord],
+        meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord] = (),
     ) -> None:
         for job in jobs:
             self.jobs[job.id] = job
         for worker in workers:
             self.workers[worker.uuid] = worker
         self.meta.update(meta)
+        for sched in schedules:
+            self.schedules[sched.id] = sched
 
     def get_job(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)
@@ -46,12 +54,12 @@ class MemoryStore:
         found.sort(key=lambda j: j.submitted, reverse=True)
         return found[: query.limit]
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
         old = [
             j.id
             for j in self.jobs.values()
             if j.state in FINISHED_STATES and (j.completed or j.submitted) < finished_before
-        ]
+        ][:limit]
         for job_id in old:
             del self.jobs[job_id]
         return len(old)
