@@ -2,7 +2,8 @@
 
 It connects, subscribes to its offers on the PUB socket, claims each offered
 task, runs it and reports the end; it heartbeats between calls. It prints
-one JSON line per event (``connected``, ``claimed``, ``finished``, ``failed``).
+one JSON line per event (``connected``, ``claimed``, ``finished``, ``failed``,
+``refused`` when the gateway no longer wants the outcome).
 
     python rpc_node.py RPC PUB NODE_ID [--methods echo,add,fail,sleep] [--slots N]
 
@@ -94,12 +95,15 @@ class Node:
                 ok, value = self.run_task(task["method"], task["params"])
             except Exception as exc:  # noqa: BLE001 - the client hears about it
                 ok, value = False, {"code": -32000, "message": repr(exc)}
-            if ok:
-                self.call("node_task_finished", [self.node_id, task_id, value])
-                emit("finished", task=task_id)
-            else:
-                self.call("node_task_failed", [self.node_id, task_id, value])
-                emit("failed", task=task_id)
+            try:
+                if ok:
+                    self.call("node_task_finished", [self.node_id, task_id, value])
+                    emit("finished", task=task_id)
+                else:
+                    self.call("node_task_failed", [self.node_id, task_id, value])
+                    emit("failed", task=task_id)
+            except RuntimeError as exc:  # taken back meanwhile (cancelled, say)
+                emit("refused", task=task_id, error=str(exc))
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -190,6 +190,20 @@ def test_node_dies_mid_task_and_another_node_runs_it(cluster, gw, rpc):
     assert info["status"] == FINISHED and info["state"] == "succeeded"
 
 
+def test_cancelling_a_nodes_task(cluster, gw, rpc):
+    node = start_node(cluster, gw, "n1", "--methods", "sleep")
+    client = rpc.call(B + "client_connect")
+    task = rpc.call(B + "client_new_task", [client, "sleep", [1.0]])
+    wait_for(lambda: any(e["event"] == "claimed" for e in events(node)), procs=[node])
+    with corral.Client(cluster.addrs.frontend) as corral_client:
+        assert corral_client.cancel(task)["was"] == "running"
+    assert rpc.call(B + "client_task_status", [client, task]) == FAILED
+    error = rpc.call(B + "client_task_result", [client, task])
+    assert error["code"] == -32000 and error["data"]["type"] == "JobCancelled"
+    refused = wait_for(lambda: [e for e in events(node) if e["event"] == "refused"], procs=[node])
+    assert "cancelled" in refused[0]["error"]
+
+
 def test_client_errors_and_ownership(cluster, gw, rpc):
     def error(method: str, params: Any) -> dict[str, Any]:
         with pytest.raises(RpcFailed) as info:

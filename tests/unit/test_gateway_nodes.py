@@ -228,6 +228,22 @@ def test_abort_from_the_broker_is_honoured():
     assert h.outcomes[task] == [{"value": "n2 did it"}]
 
 
+def test_a_cancelled_task_is_taken_back_from_its_node():
+    h = Harness()
+    h.connect("n1", ["echo"])
+    task = h.submit("echo")
+    h.book.claim("n1", task, h.now)
+    assert h.core.cancel(task, h.now) == "running"
+    h.pump()
+    assert h.outcomes[task][0]["error"]["type"] == "JobCancelled"
+    assert h.book.holder(task) is None and h.worker("n1").slots == 1
+    with pytest.raises(RpcError) as info:
+        h.book.finish("n1", task, "too late", h.now)
+    assert info.value.data == {"task_id": task, "aborted": "cancelled"}
+    h.pump()
+    assert len(h.outcomes[task]) == 1
+
+
 def test_unclaimed_offers_are_published_again_then_given_back():
     h = Harness(claim_timeout=3.0, offer_repeat=1.0)
     h.connect("n1", ["echo"])
