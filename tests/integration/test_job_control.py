@@ -55,6 +55,8 @@ def test_a_handle_survives_a_broker_restart(cluster):
         corral.Client(cluster.addrs.frontend) as other,
     ):
         job = submitter.submit("corral.examples:sleep", 2.0)
+        # Acknowledged means stored: what a broker killed later still knows.
+        assert job.wait_acknowledged(10)
         handle = other.job(job.id)
         wait_for(lambda: handle.state == "running", what="the job to run")
         broker.kill_group(signal.SIGKILL)
