@@ -71,7 +71,7 @@ def encode_body(params: RunParams) -> bytes:
 def decode_body(raw: bytes) -> RunParams:
     try:
         cmd, params = _body_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-body", f"body is not a valid run body: {exc}") from None
     if cmd != "run":
         raise ProtocolError("bad-body", f"unknown body subcommand {cmd!r}")
@@ -81,7 +81,7 @@ def decode_body(raw: bytes) -> RunParams:
 def decode_outcome(raw: bytes) -> Outcome:
     try:
         outcome = _outcome_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-result", f"result is not a valid outcome: {exc}") from None
     return outcome
 
@@ -312,7 +312,7 @@ def _arity(cmd: Command, rest: Sequence[bytes], low: int, high: int, msgid: str)
 def _json(frame: bytes, decoder: msgspec.json.Decoder, what: str, msgid: str) -> Any:
     try:
         return decoder.decode(frame)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-json", f"{what}: {exc}", msgid) from None
 
 
