@@ -462,6 +462,7 @@ def up(log_level: str, **opts: Any) -> None:
 
 def _banner(frontend: str, admin: str, store: str) -> str:
     env = "" if frontend == DEFAULT_FRONTEND else f"CORRAL_BROKER={frontend} "
+    status = "corral status" if admin == DEFAULT_ADMIN else f"corral status --admin {admin}"
     return (
         f"corral is up: broker on {frontend} (admin {admin}) with one worker; "
         f"jobs are kept in {store}.\n"
@@ -470,7 +471,7 @@ def _banner(frontend: str, admin: str, store: str) -> str:
         f"or from Python:\n"
         f"    import corral; print(corral.Client({frontend!r})"
         f".submit('corral.examples:add', 2, 3).result())\n"
-        f"See the queues and workers with `corral status`. Stop with Ctrl-C."
+        f"See the queues and workers with `{status}`. Stop with Ctrl-C."
     )
 
 
