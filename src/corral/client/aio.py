@@ -116,21 +116,30 @@ class AsyncClient:
         guarantee: bool = False,
         label: str | None = None,
         headers: Sequence[str] = (),
+        reply: bool = True,
     ) -> AsyncJob:
         """Like :meth:`submit` with ``args`` (default none) and ``kwargs`` (default none) as values.
 
-        ``headers`` (default none) adds raw header tokens.
+        ``headers`` (default none) adds raw header tokens. ``reply=False``
+        (default ``True``) does not ask for the outcome: awaiting the job gives
+        ``None`` once the broker has stored it.
         """
         if self._closing:
             raise ClientClosed("the client is closed")
         queue = queue_for(fn, queue)
         hdrs = make_headers(
-            timeout=timeout, retries=retries, guarantee=guarantee, label=label, extra=headers
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+            extra=headers,
+            reply=reply,
         )
         request = make_request(fn, args, kwargs, queue, hdrs)
         loop = asyncio.get_running_loop()
         self._start(loop)
         job = AsyncJob(request.msgid, queue, loop.create_future())
+        job._reply = hdrs.reply_requested
         # Registered before sending: the acknowledgement may beat our return from send.
         self._pending[job.id] = job
         deadline = loop.time() + self.ack_timeout

@@ -30,6 +30,8 @@ class Job(Future[Any]):
         #: The queue it was submitted to.
         self.queue = queue
         self._acked = False
+        # Whether the outcome was asked for; without it the acknowledgement ends the job.
+        self._reply = True
         # Owned by the client's I/O thread from here on.
         self._frames: list[bytes] | None = None
         self._deadline = 0.0
@@ -91,7 +93,7 @@ class AsyncJob:
     waitable again; ``cancel()`` only stops waiting locally, the job still runs.
     """
 
-    __slots__ = ("id", "queue", "_future", "_acked", "_ack_event")
+    __slots__ = ("id", "queue", "_future", "_acked", "_ack_event", "_reply")
 
     def __init__(self, job_id: str, queue: str, future: asyncio.Future[Any]) -> None:
         #: The job's id (the REQUEST's MSGID).
@@ -101,6 +103,7 @@ class AsyncJob:
         self._future = future
         self._acked = False
         self._ack_event: asyncio.Event | None = None
+        self._reply = True
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.shield(self._future).__await__()
