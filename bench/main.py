@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,7 @@ class Bench:
         if remaining < 60:
             return {**base, "error": "not measured: the overall time budget ran out"}
         limit = min(system_budget(self.args.runs, self.args.quick), remaining)
+        print(f"  (at most {limit:.0f} s)", flush=True)
         out = self.workdir / f"{spec.name}.json"
         pgids = self.workdir / f"{spec.name}.pgids"
         log = self.workdir / f"{spec.name}.runner.log"
@@ -284,9 +286,17 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             print("\ninterrupted: stopping what was started", file=sys.stderr)
             results["interrupted"] = True
-            raise
+            done = {r["system"] for r in results["systems"]}
+            results["systems"] += [
+                {"system": s.name, "label": s.label, "workloads": {}, "error": "interrupted"}
+                for s in specs
+                if s.name not in done
+            ]
         finally:
+            # A second Ctrl-C must not cut the clean-up short.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             bench.close()
+            signal.signal(signal.SIGINT, previous)
             results["seconds"] = round(time.time() - bench.started, 1)
             stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
         tables = report.tables(results)
@@ -297,3 +307,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nresults: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}", end="")
         print(f", {chart}" if made else f" (no chart: {made.reason})")
         print(f"total {results['seconds']:.0f} s")
+        if results.get("interrupted"):
+            raise SystemExit(130)
