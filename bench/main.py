@@ -28,13 +28,16 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,31 @@ def start_redis(workdir: Path) -> tuple[Service | None, str]:
     return service, f"redis://{LOOPBACK}:{port}/0"
 
 
+def rabbitmq_version(host: str, port: int) -> str:
+    """The server's version, read off the AMQP handshake (nothing is declared)."""
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            data = s.recv(4096)
+    except OSError:
+        return "?"
+    # Connection.Start's server-properties table: "version" as a long string.
+    found = re.search(rb"versionS\x00\x00\x00.([0-9][0-9a-z.+-]*)", data, re.S)
+    return found.group(1).decode() if found else "?"
+
+
+def corral_revision() -> str:
+    try:
+        version = metadata.version("corral")
+    except metadata.PackageNotFoundError:
+        version = "?"
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    )
+    commit = done.stdout.strip() if done.returncode == 0 else "unknown"
+    return f"{version} (commit {commit})"
+
+
 def system_budget(runs: int, quick: bool) -> float:
     return sum((runs + 1) * w.cap for w in workloads(quick)) + RUNNER_SLACK
 
@@ -125,8 +153,9 @@ class Bench:
         if port_open(*RABBITMQ):
             self.env["BENCH_AMQP_URL"] = f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}//"
             found["rabbitmq"] = (
-                f"the machine's RabbitMQ on {RABBITMQ[0]}:{RABBITMQ[1]} (guest), queues "
-                "named corral-bench-*, deleted afterwards"
+                f"RabbitMQ {rabbitmq_version(*RABBITMQ)}, the machine's, on "
+                f"{RABBITMQ[0]}:{RABBITMQ[1]} (guest); queues named corral-bench-*, deleted "
+                "afterwards"
             )
         else:
             self.missing["rabbitmq"] = f"RabbitMQ not reachable on {RABBITMQ[0]}:{RABBITMQ[1]}"
@@ -268,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, Any] = {
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": report.machine(),
+            "corral": corral_revision(),
             "quick": args.quick,
             "runs": args.runs,
             "workloads": [w.__dict__ for w in workloads(args.quick)],

@@ -34,6 +34,7 @@ def machine() -> dict[str, Any]:
 def print_header(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(f"machine: {m['cpus']} CPUs, {m['platform']}, load {m['load_average_at_start']}")
+    print(f"corral: {results.get('corral', '?')}")
     for name, what in results.get("services", {}).items():
         print(f"{name}: {what}")
     print(f"workloads (each figure: median of {results['runs']} runs, min-max):")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 import corral
@@ -22,7 +23,7 @@ class CorralAdapter(Adapter):
 
     def settings(self) -> dict[str, str]:
         return {
-            "version": f"corral {getattr(corral, '__version__', '')}".strip(),
+            "version": f"corral {metadata.version('corral')}",
             "broker": "corral broker, "
             + (f"--store {self.store}" if self.store else "SQLite store (WAL, group commit)"),
             "worker": "one `corral worker -c SLOTS` (process pool), prefetch 0 (default)",
