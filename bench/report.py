@@ -54,11 +54,13 @@ def _num(value: float, metric: str) -> str:
 
 def cell(result: dict[str, Any], workload: str, metric: str) -> str:
     """``median (min-max)`` with ``*`` when a run was cut at its cap, or why there is none."""
-    if result.get("error") and workload not in result.get("workloads", {}):
-        return "-"
     entry = result.get("workloads", {}).get(workload)
     if entry is None:
-        return "-"
+        error = result.get("error") or ""
+        for kind in ("not set up", "not measured", "interrupted"):
+            if error.startswith(kind):
+                return kind
+        return "failed" if error else "-"
     if entry["status"] == "unsupported":
         return "n/a"
     figure = entry.get("summary", {}).get(metric)

@@ -44,7 +44,7 @@ SYSTEMS: list[Spec] = [
         "Celery + RabbitMQ",
         "bench.systems.celery_sys",
         "peers",
-        ("rabbitmq",),
+        ("rabbitmq", "redis"),
         {"broker": "rabbitmq"},
     ),
     Spec(

@@ -1,4 +1,4 @@
-"""Celery with Redis (broker and results) or RabbitMQ (broker; results over ``rpc://``)."""
+"""Celery with Redis or RabbitMQ as its broker; results in Redis either way."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ class CeleryAdapter(Adapter):
         super().__init__(ctx)
         self.kind = ctx.options["broker"]
         self.queue = f"{ctx.prefix}-celery"
-        if self.kind == "redis":
-            broker = backend = ctx.redis_url
-        else:
-            broker, backend = ctx.amqp_url, "rpc://"
-        if not broker:
+        # Results go to Redis with either broker, as for Dramatiq: Celery's rpc://
+        # backend slowed each submit to milliseconds with thousands of results pending.
+        broker = ctx.redis_url if self.kind == "redis" else ctx.amqp_url
+        backend = ctx.redis_url
+        if not broker or not backend:
             raise RuntimeError(f"no {self.kind} server for Celery")
         self.env = {
             "BENCH_QUEUE": self.queue,
@@ -30,13 +30,12 @@ class CeleryAdapter(Adapter):
         from bench.peers import celery_app
 
         self.app = celery_app
-        self.backend = backend
 
     def settings(self) -> dict[str, str]:
         broker = "Redis" if self.kind == "redis" else "RabbitMQ"
         return {
             "version": f"celery {metadata.version('celery')}, kombu {metadata.version('kombu')}",
-            "broker": f"{broker}; results: {'Redis' if self.kind == 'redis' else 'rpc://'}",
+            "broker": f"{broker}; results: Redis",
             "worker": "`celery worker --pool prefork --concurrency SLOTS` --without-gossip "
             "--without-mingle --without-heartbeat, remote control off",
             "safety": "task_acks_late=True, worker_prefetch_multiplier=1",
@@ -73,9 +72,8 @@ class CeleryAdapter(Adapter):
 
     def stop(self) -> None:
         super().stop()
-        if self.kind == "redis":
-            flush_redis(self.ctx.redis_url)
-        else:
+        flush_redis(self.ctx.redis_url)
+        if self.kind == "rabbitmq":
             delete_amqp(self.ctx.amqp_url, [self.queue], purge=True)
 
     def close(self) -> None:
