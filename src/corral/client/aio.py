@@ -124,10 +124,13 @@ class AsyncClient:
         label: str | None = None,
         headers: Sequence[str] = (),
         after: Iterable[Any] = (),
+        reply: bool = True,
     ) -> AsyncJob:
         """Like :meth:`submit` with ``args`` (default none) and ``kwargs`` (default none) as values.
 
-        ``headers`` (default none) adds raw header tokens.
+        ``headers`` (default none) adds raw header tokens. ``reply=False``
+        (default ``True``) does not ask for the outcome: awaiting the job gives
+        ``None`` once the broker has stored it.
         """
         if self._closing:
             raise ClientClosed("the client is closed")
@@ -139,11 +142,13 @@ class AsyncClient:
             label=label,
             extra=headers,
             after=after,
+            reply=reply,
         )
         request = make_request(fn, args, kwargs, queue, hdrs)
         loop = asyncio.get_running_loop()
         job = AsyncJob(request.msgid, queue, loop.create_future())
         job._client = self
+        job._reply = hdrs.reply_requested
         await self._send(job, request.to_frames())
         return job
 

@@ -30,6 +30,8 @@ class Job(Future[Any]):
         #: The queue it was submitted to.
         self.queue = queue
         self._acked = False
+        # Whether the outcome was asked for; without it the acknowledgement ends the job.
+        self._reply = True
         # Owned by the client's I/O thread from here on.
         self._frames: list[bytes] | None = None
         self._deadline = 0.0
@@ -115,7 +117,7 @@ class AsyncJob:
 
     __slots__ = (
         "id", "queue", "_future", "_acked", "_ack_event", "_resent", "_frames", "_client",
-        "_is_job",
+        "_is_job", "_reply",
     )  # fmt: skip
 
     def __init__(self, job_id: str, queue: str, future: asyncio.Future[Any]) -> None:
@@ -131,6 +133,7 @@ class AsyncJob:
         self._frames: list[bytes] | None = None
         self._client: Any = None
         self._is_job = bool(queue)
+        self._reply = True
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.shield(self._future).__await__()

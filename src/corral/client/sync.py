@@ -182,11 +182,15 @@ class Client:
         label: str | None = None,
         headers: Sequence[str] = (),
         after: Iterable[Any] = (),
+        reply: bool = True,
     ) -> Job:
         """Like :meth:`submit` with the call's ``args`` and ``kwargs`` passed as values.
 
         ``args`` defaults to none and ``kwargs`` to none; no keyword collides
         with the options. ``headers`` (default none) adds raw header tokens.
+        ``reply=False`` (default ``True``) sends the job without asking for its
+        outcome: the job is done, with ``None`` as its result, as soon as the
+        broker has stored it; :meth:`job_info` reads the outcome later.
         """
         self._check_usable()
         queue = queue_for(fn, queue)
@@ -197,9 +201,11 @@ class Client:
             label=label,
             extra=headers,
             after=after,
+            reply=reply,
         )
         request = make_request(fn, args, kwargs, queue, hdrs)
         job = Job(request.msgid, queue)
+        job._reply = hdrs.reply_requested
         job._frames = request.to_frames()
         job._client = self
         self._enqueue(job)
