@@ -28,6 +28,7 @@ def cli(cluster, *args: str) -> subprocess.CompletedProcess[str]:
 def test_another_client_follows_a_job_by_id(up):
     with corral.Client(up.addrs.frontend) as submitter, corral.Client(up.addrs.frontend) as other:
         job = submitter.submit("corral.examples:sleep", 0.5, label="followed")
+        assert job.wait_acknowledged(10)  # before that, another client may not find it
         handle = other.job(job.id)
         assert handle.state in ("queued", "running")
         assert handle.result(timeout=10) == 0.5

@@ -25,9 +25,10 @@ class Harness:
         self.now = 1000.0
 
     def sent(self):
-        out = self.core.acks + self.core.outbox
-        self.core.released(self.core.acks)
-        self.core.acks, self.core.outbox = [], []
+        acks = self.core.take_acks()
+        out = acks + self.core.outbox
+        self.core.released(acks)
+        self.core.outbox = []
         return [(dest, ident, parse(frames)) for dest, ident, frames in out]
 
     def submit(self, client=b"client", queue="default", headers="reply-requested", msgid=None):
@@ -444,3 +445,13 @@ def test_outcome_never_overtakes_the_acknowledgement(h):
     replies = [m for d, i, m in h.sent() if d is Dest.FRONTEND]
     assert [m.result is None for m in replies] == [True, False]
     assert not h.core.unacked
+
+
+def test_outcome_after_its_acknowledgement_was_taken_for_the_store(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit()
+    taken = h.core.take_acks()  # a commit with the acknowledgement is under way
+    h.reply(b"w1", job)
+    assert [len(frames) for _, _, frames in taken] == [5]
+    assert [len(frames) for _, _, frames in h.core.acks] == [6]  # still held after it

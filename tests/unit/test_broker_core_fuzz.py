@@ -119,9 +119,8 @@ def test_core_survives_any_traffic(ops_):
                 )
         # The server commits, releases what waited for the store, and sends.
         store.commit(*core.take_changes(), core.take_schedule_changes())
-        core.released(core.acks)
+        core.released(core.take_acks())
         core.committed(now)
-        core.acks.clear()
         core.outbox.clear()
         _check(core)
 

@@ -83,7 +83,7 @@ class Sim:
         core = self.core
         jobs, workers, meta = core.take_changes()
         self.store.commit(jobs, workers, meta, core.take_schedule_changes())
-        acks, core.acks = core.acks, []
+        acks = core.take_acks()
         core.released(acks)
         core.committed(self.now)
         out, core.outbox = acks + core.outbox, []

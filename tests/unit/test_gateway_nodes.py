@@ -47,7 +47,7 @@ class Harness:
         while True:
             actions, self.book.actions = self.book.actions, []
             out, self.core.outbox = self.core.outbox, []
-            acks, self.core.acks = self.core.acks, []
+            acks = self.core.take_acks()
             self.core.released(acks)
             if not (actions or out or acks):
                 return

@@ -180,7 +180,7 @@ class Wire:
             core = self.core
             jobs, workers, meta = core.take_changes()
             self.store.commit(jobs, workers, meta, core.take_schedule_changes())
-            acks, core.acks = core.acks, []
+            acks = core.take_acks()
             core.released(acks)
             core.committed(self.now)
             out, core.outbox = acks + core.outbox, []

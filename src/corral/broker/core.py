@@ -47,6 +47,7 @@ from corral.protocol import (
     Unschedule,
     encode_outcome_error,
     new_msgid,
+    new_tag,
     parse,
 )
 from corral.scheduler.desk import OPS as SCHEDULE_OPS
@@ -166,6 +167,7 @@ class BrokerCore:
         self._duplicates_reported = 0
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
+
         #: An outcome waits in :attr:`acks` for its job's acknowledgement.
         self.held_results = False
         #: QUERY messages for the shell to answer (they may need the store).
@@ -369,9 +371,7 @@ class BrokerCore:
         self.dirty[job.id] = job
         self.stats.accepted += 1
         self.unacked.add(job.id)
-        self.acks.append(
-            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
-        )
+        self.acks.append((Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_tag(), frames[3]]))
         if after:
             self._wait_for(job, after, now)
         else:
@@ -633,9 +633,10 @@ class BrokerCore:
             reply = (
                 Dest.FRONTEND,
                 job.submitter,
-                [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
+                [b"", PROTOCOL, _REPLY, new_tag(), result, job.id.encode()],
             )
-            # A submitter hears "accepted" before it hears the outcome.
+            # A submitter hears "accepted" before it hears the outcome (EventMQ's
+            # clients wait for the acknowledgement first).
             if job.id in self.unacked:
                 self.acks.append(reply)
                 self.held_results = True
@@ -646,7 +647,7 @@ class BrokerCore:
                 (
                     Dest.FRONTEND,
                     identity,
-                    [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
+                    [b"", PROTOCOL, _REPLY, new_tag(), result, job.id.encode()],
                 )
             )
         # Dependents are told in a loop, not by recursion: a failure can run down a
@@ -869,9 +870,7 @@ class BrokerCore:
             self._bad_input(Dest.FRONTEND, identity, exc, frames)
             return
         # Acknowledged once stored, like a job.
-        self.acks.append(
-            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
-        )
+        self.acks.append((Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_tag(), frames[3]]))
         self._fire_due(now)
 
     def _on_schedule_query(self, identity: bytes, msg: Query, now: float) -> None:
@@ -879,7 +878,7 @@ class BrokerCore:
         reply = (
             Dest.FRONTEND,
             identity,
-            [b"", PROTOCOL, _REPLY, new_msgid().encode(), outcome, msg.msgid.encode()],
+            [b"", PROTOCOL, _REPLY, new_tag(), outcome, msg.msgid.encode()],
         )
         if held:
             self.acks.append(reply)
@@ -899,9 +898,7 @@ class BrokerCore:
             )
             return
         self._start_tick(answer, now, identity)
-        self.acks.append(
-            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
-        )
+        self.acks.append((Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_tag(), frames[3]]))
 
     def _fire_due(self, now: float) -> None:
         for claim in self.desk.due(self._wall_ms(now)):
@@ -1050,11 +1047,16 @@ class BrokerCore:
             (
                 dest,
                 identity,
-                [b"", PROTOCOL, _REPLY, new_msgid().encode(), msgspec.json.encode(payload)],
+                [b"", PROTOCOL, _REPLY, new_tag(), msgspec.json.encode(payload)],
             )
         )
 
     # ------------------------------------------------------------ persistence
+
+    def take_acks(self) -> list[Outgoing]:
+        """The held messages, for the shell to send once the store has what they promise."""
+        acks, self.acks = self.acks, []
+        return acks
 
     def released(self, sent: list[Outgoing]) -> None:
         """The shell sent these held messages (the store has what they promise)."""
@@ -1211,4 +1213,4 @@ def job_from_record(rec: JobRecord, now: float, wall_offset: float) -> Job:
 
 
 def _heartbeat(ts: bytes) -> list[bytes]:
-    return [b"", PROTOCOL, b"HEARTBEAT", new_msgid().encode(), ts]
+    return [b"", PROTOCOL, b"HEARTBEAT", new_tag(), ts]

@@ -162,7 +162,9 @@ class QueryHandler:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         states = [state] if isinstance(state, str) else state or []
-        if not isinstance(states, list) or not all(s in _STATES for s in states):
+        if not isinstance(states, list) or not all(
+            isinstance(s, str) and s in _STATES for s in states
+        ):
             raise QueryError("BadRequest", f"state must be one or a list of {sorted(_STATES)}")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
             raise QueryError("BadRequest", f"limit must be 1..{MAX_LIMIT}")

@@ -355,7 +355,7 @@ class BrokerServer:
         core = self.core
         jobs, workers, meta = core.take_changes()
         schedules = core.take_schedule_changes()
-        acks, core.acks = core.acks, []
+        acks = core.take_acks()
         if self._unsaved is not None:
             old_jobs, old_workers, old_meta, old_acks, old_schedules = self._unsaved
             self._unsaved = None

@@ -40,6 +40,7 @@ from corral.protocol.messages import (
     encode_outcome_error,
     encode_outcome_value,
     new_msgid,
+    new_tag,
     parse,
 )
 
@@ -82,5 +83,6 @@ __all__ = [
     "encode_outcome_error",
     "encode_outcome_value",
     "new_msgid",
+    "new_tag",
     "parse",
 ]

@@ -11,6 +11,8 @@ Every class has ``to_frames()`` giving the frames to send (without identity).
 
 from __future__ import annotations
 
+import itertools
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +27,31 @@ _json_encode = msgspec.json.encode
 
 
 def new_msgid() -> str:
+    """A fresh uuid4 text: for ids that must be unique everywhere (a job's id is its MSGID)."""
     return str(uuid.uuid4())
+
+
+class _Tags:
+    """Message ids for messages nobody refers to by id (acknowledgements, heartbeats).
+
+    A random prefix per process (re-drawn in a forked child) and a counter: unique
+    like uuid4 for every practical purpose, at a tenth of its cost on the hot path.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = uuid.uuid4().hex[:16]
+        self.counter = itertools.count()
+
+    def __call__(self) -> bytes:
+        return f"{self.prefix}-{next(self.counter):x}".encode()
+
+
+#: ``new_tag()`` -> a fresh message id as bytes (see :class:`_Tags`).
+new_tag = _Tags()
+os.register_at_fork(after_in_child=new_tag.reset)
 
 
 # ---------------------------------------------------------------- bodies
