@@ -23,8 +23,11 @@ import zmq
 
 from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest, job_record
+from corral.broker.lines import AddressInUse as LinesInUse
+from corral.broker.lines import LineServer
 from corral.broker.queries import QueryHandler
-from corral.store.base import JobRecord, Store, StoreError, WorkerRecord
+from corral.broker.streams import BrokerStreams, merge_batches
+from corral.store.base import JobRecord, Store, StoreError
 from corral.store.memory import MemoryStore
 
 log = logging.getLogger("corral.broker")
@@ -54,8 +57,13 @@ class BrokerServer:
         store: Store | None = None,
         commit_delay: float = 0.002,
         context: zmq.Context | None = None,
+        streams: BrokerStreams | None = None,
+        stream_lines: str | None = None,
     ) -> None:
         self.core = core
+        #: Job streams; ``stream_lines`` is the TCP line server's endpoint (None: none).
+        self.streams = streams or BrokerStreams(core)
+        self.lines = LineServer(self.streams, stream_lines, self._flush) if stream_lines else None
         self.endpoints = {Dest.FRONTEND: frontend, Dest.BACKEND: backend, Dest.ADMIN: admin}
         self.notify_endpoint = notify
         self.store: Store = store or MemoryStore()
@@ -63,9 +71,7 @@ class BrokerServer:
         # One writer thread: commits happen in order, off the event loop.
         self._executor: ThreadPoolExecutor | None = None
         self._committing = False
-        self._unsaved: tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list] | None = (
-            None
-        )
+        self._unsaved: tuple | None = None
         self.commits = 0
         self.commit_failures = 0
         #: Seconds changes may wait to share a transaction (SQLite store only).
@@ -111,6 +117,11 @@ class BrokerServer:
             )
         self.core.wall_offset = time.time() - time.monotonic()
         self.core.restore(snapshot, time.monotonic())
+        if hasattr(self.store, "load_streams"):
+            self.streams.restore(*self.store.load_streams())
+        else:
+            self.streams.persistent = False
+            log.warning("the store %s keeps no job streams; they live in memory", self.store.url)
         if not isinstance(self.store, MemoryStore):
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-store")
             self._readers = ThreadPoolExecutor(2, thread_name_prefix="corral-query")
@@ -122,6 +133,11 @@ class BrokerServer:
         return await self._loop.run_in_executor(self._readers, fn, *args)
 
     def bind(self) -> None:
+        if self.lines is not None and self.lines.sock is None:
+            try:
+                self.lines.bind()
+            except LinesInUse as exc:
+                raise AddressInUse(str(exc)) from None
         if self.notify_endpoint:
             self._notify = self.context.socket(zmq.PUB)
             self._notify.setsockopt(zmq.LINGER, 0)
@@ -174,6 +190,8 @@ class BrokerServer:
                 self._loop.add_signal_handler(sig, self.stop)
             except (ValueError, RuntimeError):
                 pass  # not the main thread: the owner stops us
+        if self.lines is not None:
+            await self.lines.start()
         self._tick()
         for dest in self.sockets:
             self._drain(dest)
@@ -208,6 +226,8 @@ class BrokerServer:
         self.close()
 
     def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
@@ -254,6 +274,8 @@ class BrokerServer:
 
     def _flush(self) -> None:
         core = self.core
+        streams = self.streams
+        streams.pump()
         while core.outbox:
             batch = core.outbox
             core.outbox = []
@@ -266,8 +288,14 @@ class BrokerServer:
             queries, core.queries = core.queries, []
             for identity, query in queries:
                 self.queries.handle(identity, query)
-        if core.acks or core.dirty or core.dirty_workers:
+        if core.acks or core.dirty or core.dirty_workers or streams.dirty:
             self._schedule_commit()
+        if streams.loads:
+            names, streams.loads = streams.loads, []
+            for name in names:
+                asyncio.ensure_future(self._load_stream(name))
+        if self.lines is not None:
+            self.lines.write_out()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
         for dest in self._sent_on:
@@ -288,6 +316,8 @@ class BrokerServer:
                 self.send_failures += 1
                 if exc.errno == errno.EHOSTUNREACH:
                     core.peer_unreachable(dest, identity, time.monotonic())
+                    if dest is Dest.FRONTEND:
+                        self.streams.unreachable(identity)
                 else:
                     log.warning(
                         "could not send to %r on %s: %s", identity[:64], dest.name.lower(), exc
@@ -322,28 +352,34 @@ class BrokerServer:
             return
         core = self.core
         jobs, workers, meta = core.take_changes()
+        # A job that ended closes its stream in the same transaction.
+        self.streams.note_jobs(jobs)
+        streams, marks = self.streams.take_changes()
         acks, core.acks = core.acks, []
         if self._unsaved is not None:
-            old_jobs, old_workers, old_meta, old_acks = self._unsaved
+            old_jobs, old_workers, old_meta, old_acks, old_streams, old_marks = self._unsaved
             self._unsaved = None
             jobs, workers = old_jobs + jobs, old_workers + workers
             meta, acks = {**old_meta, **meta}, old_acks + acks
-        if not (jobs or workers or meta or acks):
+            streams, marks = merge_batches(old_streams, streams), old_marks + marks
+        if not (jobs or workers or meta or acks or streams):
             return
         for rec in jobs:
             self._uncommitted[rec.id] = rec
+        batch = (jobs, workers, meta, acks, streams, marks)
+        args: tuple = (jobs, workers, meta, streams) if self.streams.persistent else batch[:3]
         if self._executor is None or sync:
             try:
-                self.store.commit(jobs, workers, meta)
+                self.store.commit(*args)
             except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
-                self._commit_failed(exc, (jobs, workers, meta, acks))
+                self._commit_failed(exc, batch)
                 return
-            self._committed(acks)
+            self._committed(acks, marks)
             return
         self._committing = True
         assert self._loop is not None
-        future = self._loop.run_in_executor(self._executor, self.store.commit, jobs, workers, meta)
-        future.add_done_callback(lambda f: self._commit_done(f, (jobs, workers, meta, acks)))
+        future = self._loop.run_in_executor(self._executor, self.store.commit, *args)
+        future.add_done_callback(lambda f: self._commit_done(f, batch))
 
     def _commit_done(self, future: asyncio.Future[None], batch: tuple) -> None:
         self._committing = False
@@ -351,16 +387,17 @@ class BrokerServer:
         if exc is not None:
             self._commit_failed(exc, batch)
             return
-        self._committed(batch[3])
-        if self.core.acks or self.core.dirty or self.core.dirty_workers:
+        self._committed(batch[3], batch[5])
+        if self.core.acks or self.core.dirty or self.core.dirty_workers or self.streams.dirty:
             self._commit()
 
-    def _committed(self, acks: list) -> None:
+    def _committed(self, acks: list, marks: list) -> None:
         # Every record taken so far was in this batch: one commit runs at a time.
         self._uncommitted.clear()
         self.commits += 1
         self._send(acks)
         self.core.released(acks)
+        self.streams.committed(marks)
         self._flush()
 
     def _commit_failed(self, exc: BaseException, batch: tuple) -> None:
@@ -372,6 +409,20 @@ class BrokerServer:
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)
+
+    async def _load_stream(self, name: str) -> None:
+        """Read a stream the hub does not hold (a job that ended a while ago) from the store."""
+        record = job = None
+        try:
+            record = await self._in_thread(self.store.get_stream, name)
+            if record is None:
+                job = self.unstored_records().get(name)
+                if job is None:
+                    job = await self._in_thread(self.store.get_job, name)
+        except Exception:  # noqa: BLE001 - the listener is told the stream is unknown
+            log.exception("could not read stream %s from the store", name)
+        self.streams.loaded(name, record, job)
+        self._flush()
 
     def unstored_records(self) -> dict[str, JobRecord]:
         """Jobs whose newest state the store does not have yet (it lags by one commit).

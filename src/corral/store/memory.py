@@ -7,6 +7,7 @@ from typing import Any
 
 from corral.store.base import JobQuery, JobRecord, Snapshot, WorkerRecord
 from corral.store.query import FINISHED_STATES, matches
+from corral.store.streams import MemoryStreams, StreamBatch, StreamRecord
 
 
 class MemoryStore:
@@ -16,6 +17,7 @@ class MemoryStore:
         self.jobs: dict[str, JobRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.meta: dict[str, Any] = {}
+        self.streams = MemoryStreams()
 
     def open(self, recent: int = 100_000) -> Snapshot:
         finished = [j.id for j in self.jobs.values() if j.state in FINISHED_STATES]
@@ -27,13 +29,25 @@ class MemoryStore:
         )
 
     def commit(
-        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+        self,
+        jobs: Sequence[JobRecord],
+        workers: Sequence[WorkerRecord],
+        meta: dict[str, Any],
+        streams: StreamBatch | None = None,
     ) -> None:
         for job in jobs:
             self.jobs[job.id] = job
         for worker in workers:
             self.workers[worker.uuid] = worker
         self.meta.update(meta)
+        if streams:
+            self.streams.write(streams)
+
+    def load_streams(self) -> tuple[list[StreamRecord], str | None]:
+        return self.streams.load_open()
+
+    def get_stream(self, name: str) -> StreamRecord | None:
+        return self.streams.get(name)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)

@@ -15,7 +15,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from corral.store import streams as stream_store
 from corral.store.base import JobQuery, JobRecord, Snapshot, StoreError, WorkerRecord
+from corral.store.streams import StreamBatch, StreamRecord
 
 SCHEMA_VERSION = 1
 
@@ -158,6 +160,7 @@ class SQLiteStore:
         conn = self._connect()
         try:
             conn.executescript(_SCHEMA)
+            conn.executescript(stream_store.SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -210,7 +213,11 @@ class SQLiteStore:
         )
 
     def commit(
-        self, jobs: Sequence[JobRecord], workers: Sequence[WorkerRecord], meta: dict[str, Any]
+        self,
+        jobs: Sequence[JobRecord],
+        workers: Sequence[WorkerRecord],
+        meta: dict[str, Any],
+        streams: StreamBatch | None = None,
     ) -> None:
         conn = self._write
         assert conn is not None, "open() first"
@@ -228,11 +235,21 @@ class SQLiteStore:
                     "value = excluded.value",
                     (key, str(value)),
                 )
+            if streams:
+                stream_store.write(conn, streams)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise self._explain(exc) from None
+
+    def load_streams(self) -> tuple[list[StreamRecord], str | None]:
+        """Open job streams and the stream-token secret (at start, after :meth:`open`)."""
+        assert self._write is not None, "open() first"
+        return stream_store.load_open(self._write)
+
+    def get_stream(self, name: str) -> StreamRecord | None:
+        return stream_store.get(self._reader(), name)
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -312,9 +312,7 @@ class StreamHub:
         """
         stream = self.streams[name]
         if after is not None and (after < 0 or after > stream.committed):
-            raise BadAfter(
-                f"after={after}, but stream {name} has reached seq {stream.committed}"
-            )
+            raise BadAfter(f"after={after}, but stream {name} has reached seq {stream.committed}")
         listener = Listener(self._next_lid, stream, credit, tag)
         self._next_lid += 1
         if after is not None:
