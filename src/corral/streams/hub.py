@@ -394,14 +394,15 @@ class StreamHub:
         last = close.seq - 1 if closing and close is not None and close.seq else stream.committed
         last = min(last, stream.last_item)
         backlog = last - listener.next + 1
-        if backlog > cfg.listener_queue:
+        n = min(backlog, listener.credit) if backlog > 0 else 0
+        if backlog - n > cfg.listener_queue:
+            # What its transport cannot take now would exceed its queue: cut it off.
             self.stats.overflows += 1
             self._remove(listener)
             self.out.append(Delivery(listener, tail=listener_close("overflow")))
             return
         items: list[bytes] = []
-        if backlog > 0 and listener.credit > 0:
-            n = min(backlog, listener.credit)
+        if n > 0:
             start = listener.next - stream.first
             items = stream.items[start : start + n]
             listener.next += n
