@@ -14,6 +14,7 @@ import click
 from corral.protocol import DEFAULT_ADMIN, DEFAULT_BACKEND, DEFAULT_FRONTEND
 
 DEFAULT_NOTIFY = "tcp://127.0.0.1:47294"
+DEFAULT_STREAMS = "tcp://127.0.0.1:47295"
 
 log = logging.getLogger("corral")
 
@@ -120,6 +121,25 @@ _BROKER_OPTIONS = [
         "back before those jobs count as lost [default: --liveness heartbeat intervals].",
     ),
     click.option(
+        "--streams",
+        default=DEFAULT_STREAMS,
+        show_default=True,
+        help="TCP endpoint of the job-stream line server ('' = none).",
+    ),
+    click.option(
+        "--stream-history",
+        default=1000,
+        show_default=True,
+        help="Messages of each job stream kept (in the store too) for late listeners.",
+    ),
+    click.option(
+        "--stream-token",
+        default=None,
+        envvar="CORRAL_STREAM_TOKEN",
+        help="A token that lets network clients put to any stream [default: $CORRAL_STREAM_TOKEN; "
+        "without it only a job's own token works].",
+    ),
+    click.option(
         "--restore",
         is_flag=True,
         help="Insist on taking back an earlier run's state: refuse to start on a store "
@@ -172,6 +192,18 @@ _WORKER_OPTIONS = [
         show_default=True,
         help="Seconds running jobs get to finish on SIGTERM.",
     ),
+    click.option(
+        "--capture-output",
+        is_flag=True,
+        help="Put each job's stdout/stderr lines on its stream too.",
+    ),
+    click.option(
+        "--stream-log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error", "none"]),
+        help="Lowest level of a job's logging records put on its stream.",
+    ),
 ]
 
 _LOG_OPTION = click.option(
@@ -214,11 +246,16 @@ def _make_broker(
     retry_backoff: float,
     retry_backoff_cap: float,
     restore_grace: float | None,
+    streams: str = DEFAULT_STREAMS,
+    stream_history: int = 1000,
+    stream_token: str | None = None,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
+    from corral.broker.streams import BrokerStreams
     from corral.store import StoreError, open_store
+    from corral.streams.hub import HubConfig
 
     if store_url is None:
         store_url = "sqlite:///" + os.path.join(data_dir or default_data_dir(), "broker.db")
@@ -238,8 +275,17 @@ def _make_broker(
             restore_grace=restore_grace,
         )
     )
+    if stream_history < 1:
+        raise click.BadParameter("--stream-history must be >= 1")
     server = BrokerServer(
-        core, frontend=frontend, backend=backend, admin=admin, notify=notify or None, store=store
+        core,
+        frontend=frontend,
+        backend=backend,
+        admin=admin,
+        notify=notify or None,
+        store=store,
+        streams=BrokerStreams(core, HubConfig(history=stream_history), stream_token),
+        stream_lines=streams or None,
     )
     try:
         server.open_store(require_state=restore)
@@ -263,6 +309,8 @@ def _make_worker(
     grace: float,
     heartbeat: float,
     identity: str | None = None,
+    capture_output: bool = False,
+    stream_log_level: str = "info",
 ):
     from corral.worker.manager import WorkerConfig, WorkerManager
 
@@ -275,6 +323,8 @@ def _make_worker(
         prefetch=prefetch,
         grace=grace,
         heartbeat_interval=heartbeat,
+        capture_output=capture_output,
+        stream_log_level=None if stream_log_level == "none" else stream_log_level,
     )
     if concurrency:
         config.concurrency = concurrency
@@ -343,6 +393,9 @@ _BROKER_KEYS = {
     "retry_backoff",
     "retry_backoff_cap",
     "restore_grace",
+    "streams",
+    "stream_history",
+    "stream_token",
 }
 _WORKER_KEYS = {
     "backend",
@@ -354,6 +407,8 @@ _WORKER_KEYS = {
     "prefetch",
     "grace",
     "heartbeat",
+    "capture_output",
+    "stream_log_level",
 }
 
 

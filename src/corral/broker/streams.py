@@ -357,6 +357,10 @@ class BrokerStreams:
 
     def line_request(self, conn: int, request: Request, line: int) -> None:
         """One parsed request from TCP connection ``conn`` (its ``line`` number, for errors)."""
+        self._line_request(conn, request, line)
+        self.pump()  # replies in the order of the requests
+
+    def _line_request(self, conn: int, request: Request, line: int) -> None:
         name = request.stream
         action = request.action
         if action == "hangup":
