@@ -616,3 +616,20 @@ def retry_cmd(job_id: str, address: str | None) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
     info = _client_call(address, "retry", job_id)
     click.echo(f"job {info['id']} is {info['state']} again")
+
+
+@main.command("tail")
+@click.argument("job_id")
+@click.option("--after", type=int, default=None, help="Start after this sequence number.")
+@_BROKER_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print each message as a JSON line.")
+def tail_cmd(job_id: str, after: int | None, address: str | None, as_json: bool) -> None:
+    """Follow JOB_ID's stream (progress bar and log lines); exit 0 if it succeeds, 1 if not."""
+    from corral.errors import CorralError
+    from corral.tail import follow
+
+    try:
+        code = follow(address or DEFAULT_FRONTEND, job_id, after, as_json)
+    except CorralError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
