@@ -133,6 +133,12 @@ _BROKER_OPTIONS = [
         help="Messages of each job stream kept (in the store too) for late listeners.",
     ),
     click.option(
+        "--stream-queue",
+        default=10_000,
+        show_default=True,
+        help="Messages one stream listener may fall behind before it is cut off (overflow).",
+    ),
+    click.option(
         "--stream-token",
         default=None,
         envvar="CORRAL_STREAM_TOKEN",
@@ -248,6 +254,7 @@ def _make_broker(
     restore_grace: float | None,
     streams: str = DEFAULT_STREAMS,
     stream_history: int = 1000,
+    stream_queue: int = 10_000,
     stream_token: str | None = None,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
@@ -275,8 +282,8 @@ def _make_broker(
             restore_grace=restore_grace,
         )
     )
-    if stream_history < 1:
-        raise click.BadParameter("--stream-history must be >= 1")
+    if stream_history < 1 or stream_queue < 1:
+        raise click.BadParameter("--stream-history and --stream-queue must be >= 1")
     server = BrokerServer(
         core,
         frontend=frontend,
@@ -284,7 +291,9 @@ def _make_broker(
         admin=admin,
         notify=notify or None,
         store=store,
-        streams=BrokerStreams(core, HubConfig(history=stream_history), stream_token),
+        streams=BrokerStreams(
+            core, HubConfig(history=stream_history, listener_queue=stream_queue), stream_token
+        ),
         stream_lines=streams or None,
     )
     try:
@@ -395,6 +404,7 @@ _BROKER_KEYS = {
     "restore_grace",
     "streams",
     "stream_history",
+    "stream_queue",
     "stream_token",
 }
 _WORKER_KEYS = {

@@ -26,6 +26,7 @@ log = logging.getLogger("corral.broker")
 DEFAULT_STREAMS = "tcp://127.0.0.1:47295"
 #: Unread output (bytes) after which a connection is dropped.
 MAX_UNREAD = 8 * 1024 * 1024
+SNDBUF = 256 * 1024
 
 
 class AddressInUse(RuntimeError):
@@ -113,6 +114,11 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Bound what the kernel holds for a listener that stops reading, so that its
+            # backlog shows in the hub (and overflows there) instead of in socket buffers.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self.server.transports[self.id] = transport
         self.server.streams.connection_made(self.id)
 

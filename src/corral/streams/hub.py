@@ -24,7 +24,7 @@ The rules it keeps:
   thousand copies, and a stalled one never slows the others or the producer.
 * The history keeps at least the last ``history`` items (and at most
   ``history_bytes``), more only while a listener still needs them, never
-  more than ``history + listener_queue``.
+  more than ``history + listener_queue`` committed ones.
 """
 
 from __future__ import annotations
@@ -290,7 +290,10 @@ class StreamHub:
             if not listener.fresh and listener.next < need:
                 need = listener.next
         drop = min(drop, max(0, need - stream.first))
-        drop = max(drop, count - (cfg.history + cfg.listener_queue))
+        # Committed items beyond what any listener may still be owed are dropped; items
+        # not yet committed only if the store has been failing for very long.
+        bound = cfg.history + cfg.listener_queue
+        drop = max(drop, stream.committed - stream.first + 1 - bound, count - 10 * bound)
         if drop <= 0:
             return
         stream.nbytes -= sum(len(i) for i in items[:drop])

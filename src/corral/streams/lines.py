@@ -85,6 +85,8 @@ class LineBuffer:
                 break
             if self._skipping:
                 self._skipping = False
+            elif end - start > self.max_line:
+                out.append(LineError("too-long", f"a line longer than {self.max_line} bytes"))
             else:
                 out.append(bytes(buf[start:end]))
             start = end + 1
