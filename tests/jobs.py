@@ -145,15 +145,16 @@ def start_sleep_end(path: str, seconds: float) -> int:
 
 
 @task
-def chatter(n: int, every: int = 1, sleep: float = 0.0, fail: bool = False) -> int:
-    """Put ``n`` log lines on the job's stream (progress every ``every``), then end."""
+def chatter(n: int, every: int = 1, sleep: float = 0.0, fail: bool = False, pad: int = 0) -> int:
+    """Put ``n`` log lines (``pad`` spaces longer) on the job's stream, progress every
+    ``every``, then end."""
     import time
 
     from corral import runtime
 
     runtime.set_header({"phase": "chatting", "of": n})
     for i in range(n):
-        runtime.log(f"line {i}")
+        runtime.log(f"line {i}" + " " * pad)
         if i % every == 0:
             runtime.progress(i + 1, n, "lines")
         if sleep:

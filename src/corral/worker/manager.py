@@ -186,6 +186,7 @@ class WorkerManager:
 
     def _send_inform(self) -> None:
         self._informed = False
+        self.streams.registering()
         self._inform_id = new_msgid()
         self._inform_sent = time.monotonic()
         msg = Inform(
@@ -224,9 +225,7 @@ class WorkerManager:
             if msg.acked == self._inform_id and not self._informed:
                 self._informed = True
                 log.info("registered with the broker")
-                self.streams.enabled = bool((msg.meta or {}).get("streams"))
-                if self._reconnected:
-                    self.streams.resend()
+                self.streams.registered(bool((msg.meta or {}).get("streams")), self._reconnected)
                 self._resend_recent()
                 if not self._draining:
                     self._send_ready(self.free_slots)

@@ -9,8 +9,10 @@ few that ended last) are kept and sent again after the worker registers
 anew, because a broker that restarted may have lost the ones it had not
 stored yet.
 
-A broker that does not say it takes streams (EventMQ's router) is sent none:
-the entries are counted as dropped.
+Nothing is sent between a (re-)INFORM and its ACK: a broker that restarted
+would take new entries before the resent ones and leave a gap. A broker that
+does not say it takes streams (EventMQ's router) is sent none: the entries
+are counted as dropped.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class StreamOutbox:
         self.keep_finished = keep_finished
         #: Whether the broker takes streams (it said so in its ACK).
         self.enabled = False
+        #: Registered: False from an INFORM until its ACK (entries wait meanwhile).
+        self.ready = False
         self.runs: dict[str, _Run] = {}
         self.finished: OrderedDict[str, _Run] = OrderedDict()
         self.pending: dict[str, list[tuple[int, bytes]]] = {}
@@ -67,7 +71,7 @@ class StreamOutbox:
         run = self.runs.get(job_id)
         if run is None:
             return
-        if not self.enabled:
+        if self.ready and not self.enabled:
             self.dropped += len(entries)
             if not self._warned:
                 self._warned = True
@@ -79,13 +83,28 @@ class StreamOutbox:
             run.next += 1
             run.kept.append(item)
             pending.append(item)
-        if not self._scheduled:
+        if not self._scheduled and self.ready:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def registering(self) -> None:
+        """An INFORM went out: hold entries until its ACK."""
+        self.ready = False
+
+    def registered(self, enabled: bool, again: bool) -> None:
+        """The broker acknowledged the INFORM; ``again``: after losing it (resend all kept)."""
+        self.ready, self.enabled = True, enabled
+        if not enabled:
+            self.dropped += sum(len(items) for items in self.pending.values())
+            self.pending = {}
+        elif again:
+            self.resend()
+        else:
+            self.flush()
+
     def flush(self) -> None:
         self._scheduled = False
-        if not self.pending:
+        if not self.pending or not self.ready:
             return
         pending, self.pending = self.pending, {}
         groups = []
@@ -107,7 +126,7 @@ class StreamOutbox:
 
     def resend(self) -> None:
         """After registering anew: send every kept entry again (the broker drops what it has)."""
-        self.flush()
+        self.pending = {}  # the kept entries include these
         groups = [
             self._group(job_id, run, list(run.kept))
             for job_id, run in [*self.finished.items(), *self.runs.items()]
