@@ -107,17 +107,22 @@ def client(broker):
 
 def test_a_job_streams_progress_logs_partials_and_its_outcome(client):
     job = client.submit("tests.jobs:chatter", 20, every=5, sleep=0.01)
-    messages = list(client.stream(job.id, timeout=20))
-    contiguous(messages)
+    live = list(client.stream(job.id, timeout=20))
+    contiguous(live)
+    # From the start of the history, whenever the listener joined:
+    messages = list(client.stream(job.id, after=0, timeout=20))
+    assert [m.seq for m in messages] == list(range(1, live[-1].seq + 1))
+    messages.insert(0, Header(0, None, None, None, None))
     logs = [m.text for m in messages if isinstance(m, Log)]
     assert logs == [f"line {i}" for i in range(20)]
     assert [m.done for m in messages if isinstance(m, Progress)][-1] == 16
     assert [m.value for m in messages if isinstance(m, Partial)] == [{"said": 20}]
     close = messages[-1]
     assert close.ok and close.outcome == {"value": 20}
-    header = messages[0]
-    if header.seq:  # joined after the job started
-        assert header.value == {"phase": "chatting", "of": 20}
+    assert [m.value for m in messages if isinstance(m, Header)][-1] == {
+        "phase": "chatting",
+        "of": 20,
+    }
     # After the end: the header has it all, then the close.
     late = list(client.stream(job.id, timeout=20))
     assert late[0].close is not None and late[0].partial == {"said": 20}
@@ -355,7 +360,7 @@ def test_network_producers_need_the_token(broker, client, tmp_path):
     producer.send(action="put", stream=job.id, message="from outside", token=token)
     producer.send(action="header", stream=job.id, message={"who": "admin"}, token=TOKEN)
     messages = []
-    for message in client.stream(job.id, timeout=20):
+    for message in client.stream(job.id, after=0, timeout=20):
         messages.append(message)
         if isinstance(message, Header) and message.value == {"who": "admin"}:
             stop.touch()
@@ -425,7 +430,7 @@ def test_stdout_and_logging_records_are_captured(cluster):
     cluster.worker("--capture-output", concurrency=1, imports=("tests.jobs",))
     with corral.Client(cluster.addrs.frontend) as client:
         job = client.submit("tests.jobs:loud", 3)
-        logs = [m for m in client.stream(job.id, timeout=20) if isinstance(m, Log)]
+        logs = [m for m in client.stream(job.id, after=0, timeout=20) if isinstance(m, Log)]
     printed = [m.text for m in logs if m.source == "stdout"]
     logged = [(m.text, m.level, m.logger) for m in logs if m.source == "log"]
     assert printed == ["printed 0", "printed 1", "printed 2"]
