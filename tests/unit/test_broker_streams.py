@@ -200,16 +200,21 @@ def test_window_credit_and_overflow_over_listen():
     credit = Listen(new_msgid(), "credit", {"ref": ref, "n": 100})
     b.core.on_frontend(b"client", credit.to_frames(), b.now)
     assert [m.seq for m in b.deliveries()] == [6, 7, 8, 9, 10]
-    stalled = b.listen(job, window=1, client=b"slow")
-    b.deliveries(b"slow")
+    b.streams.hub.config.history = 5
+    b.listen(job, window=1, client=b"slow")
+    assert len(b.deliveries(b"slow")) == 1  # the header
     b.put(b"w1", job, [log(str(i)) for i in range(30)], pseq=11)
     b.commit()
-    assert len(b.deliveries()) == 30
-    assert stalled  # the slow client's listener overflowed...
-    out = [m for _, ident, m in b.sent() if ident == b"slow"]
+    out = b.sent()
+    normal = [m for _, ident, m in out if ident == b"client"]
+    slow = [decode_items(m.batch) for _, ident, m in out if ident == b"slow"]
+    assert sum(len(decode_items(m.batch)) for m in normal) == 30
+    assert [x.reason for batch in slow for x in batch if type(x).__name__ == "Close"] == [
+        "overflow"
+    ]
     b.put(b"w1", job, [log("more")], pseq=41)
     b.commit()
-    assert not out  # ...and hears nothing more
+    assert not [m for _, ident, m in b.sent() if ident == b"slow"]  # it hears nothing more
 
 
 def test_the_submitter_gets_a_token_that_lets_a_network_client_put():

@@ -114,9 +114,10 @@ class BrokerStreams:
     def _authorized(self, name: str, token: str | None, *, job_ok: bool = True) -> bool:
         if not token:
             return False
-        if self.token and hmac.compare_digest(token, self.token):
+        given = token.encode("utf-8", "surrogateescape")
+        if self.token and hmac.compare_digest(given, self.token.encode()):
             return True
-        return job_ok and hmac.compare_digest(token, self.job_token(name))
+        return job_ok and hmac.compare_digest(given, self.job_token(name).encode())
 
     # ------------------------------------------------------------ persistence
 

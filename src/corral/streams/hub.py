@@ -18,7 +18,8 @@ The rules it keeps:
   ``after=seq`` the items after ``seq``; one too far behind the kept history
   is sent a ``gap`` and the header, explicitly.
 * Each listener's backlog (committed items it has not been sent, because its
-  transport gave no credit) is bounded: past ``listener_queue`` it is sent a
+  transport gave no credit) is bounded: once it reaches more than
+  ``listener_queue`` items past the kept history, the listener is sent a
   ``close`` with reason ``overflow`` and dropped. The backlog is a window into
   the shared history, so a thousand listeners cost a thousand cursors, not a
   thousand copies, and a stalled one never slows the others or the producer.
@@ -65,6 +66,7 @@ class HubConfig:
 
     history: int = 1000
     history_bytes: int = 4 * 1024 * 1024
+    #: Items a listener may lag behind the kept history before it is cut off.
     listener_queue: int = 10_000
     closed_kept: int = 1000
 
@@ -92,7 +94,7 @@ class Stream:
     __slots__ = (
         "name", "seq", "committed", "first", "items", "nbytes", "progress", "partial",
         "value", "close", "close_bytes", "header_bytes", "header_seq", "listeners",
-        "written", "producer", "pseq", "dirty",
+        "written", "producer", "pseq", "dirty", "trim_at",
     )  # fmt: skip
 
     def __init__(self, name: str) -> None:
@@ -120,6 +122,8 @@ class Stream:
         self.producer: str | None = None
         self.pseq = 0
         self.dirty = False
+        #: Item count at which trimming is tried next (so a put costs O(1) amortised).
+        self.trim_at = 0
 
     @property
     def closed(self) -> bool:
@@ -231,9 +235,7 @@ class StreamHub:
         stream.nbytes += len(data)
         self.stats.puts += 1
         self._mark(stream)
-        if len(stream.items) - self.config.history >= self._chunk or (
-            stream.nbytes > self.config.history_bytes
-        ):
+        if len(stream.items) >= stream.trim_at:
             self._trim(stream)
         return stream.seq
 
@@ -274,16 +276,23 @@ class StreamHub:
             stream.dirty = True
             self.dirty[stream.name] = stream
 
+    def _overflow(self, listener: Listener) -> None:
+        self.stats.overflows += 1
+        self._remove(listener)
+        self.out.append(Delivery(listener, tail=listener_close("overflow")))
+
     def _trim(self, stream: Stream) -> None:
         cfg = self.config
         items = stream.items
         count = len(items)
+        stream.trim_at = count + self._chunk
         # What the history bounds allow to drop...
         drop = max(0, count - cfg.history)
-        kept_bytes = stream.nbytes - sum(len(i) for i in items[:drop])
-        while kept_bytes > cfg.history_bytes and drop < count - 1:
-            kept_bytes -= len(items[drop])
-            drop += 1
+        if stream.nbytes > cfg.history_bytes:
+            kept_bytes = stream.nbytes - sum(len(i) for i in items[:drop])
+            while kept_bytes > cfg.history_bytes and drop < count - 1:
+                kept_bytes -= len(items[drop])
+                drop += 1
         # ...but not what a listener or the store still needs, up to a hard bound.
         need = stream.committed + 1
         for listener in stream.listeners.values():
@@ -296,6 +305,9 @@ class StreamHub:
         drop = max(drop, stream.committed - stream.first + 1 - bound, count - 10 * bound)
         if drop <= 0:
             return
+        for listener in list(stream.listeners.values()):
+            if not listener.fresh and listener.next < stream.first + drop:
+                self._overflow(listener)
         stream.nbytes -= sum(len(i) for i in items[:drop])
         del items[:drop]
         stream.first += drop
@@ -398,11 +410,10 @@ class StreamHub:
         last = min(last, stream.last_item)
         backlog = last - listener.next + 1
         n = min(backlog, listener.credit) if backlog > 0 else 0
-        if backlog - n > cfg.listener_queue:
-            # What its transport cannot take now would exceed its queue: cut it off.
-            self.stats.overflows += 1
-            self._remove(listener)
-            self.out.append(Delivery(listener, tail=listener_close("overflow")))
+        if backlog - n > cfg.history + cfg.listener_queue:
+            # What its transport cannot take now reaches past the history by more than
+            # its queue: it would hold items no one else needs. Cut it off.
+            self._overflow(listener)
             return
         items: list[bytes] = []
         if n > 0:
@@ -441,7 +452,7 @@ class StreamHub:
                     producer=stream.producer,
                     pseq=stream.pseq,
                     items=items,
-                    keep_from=max(1, min(stream.first, stream.seq - history + 1)),
+                    keep_from=max(1, stream.first, stream.seq - history + 1),
                 )
             )
             stream.written = stream.seq
@@ -460,10 +471,12 @@ class StreamHub:
             stream.header_bytes, stream.header_seq = header, seq
             for listener in list(stream.listeners.values()):
                 self._service(listener)
+            if len(stream.items) > self.config.history or (
+                stream.nbytes > self.config.history_bytes
+            ):
+                self._trim(stream)
             if stream.closed and not stream.listeners and seq >= stream.seq:
                 self._retire(stream)
-            elif len(stream.items) > self.config.history:
-                self._trim(stream)
 
     def restore(self, record: StreamRecord) -> Stream:
         """Take back a stream from the store (at start, or on demand for a closed one)."""
