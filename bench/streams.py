@@ -2,7 +2,8 @@
 latency a listener sees (from the job's call to the listener's receipt).
 
 One broker, one worker with one process. The job puts log lines as fast as it
-can; TCP listeners (the line protocol) count what they receive. Latency is
+can (its buffer holds the whole burst, so nothing is dropped); TCP listeners
+(the line protocol) count what they receive, from the job's start to the close. Latency is
 measured with a Python listener (``client.stream``) on paced messages.
 
     python -m bench.streams [--messages 50000] [--latency-messages 500] [--store sqlite|memory]

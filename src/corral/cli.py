@@ -210,6 +210,13 @@ _WORKER_OPTIONS = [
         type=click.Choice(["debug", "info", "warning", "error", "none"]),
         help="Lowest level of a job's logging records put on its stream.",
     ),
+    click.option(
+        "--stream-buffer",
+        default=10_000,
+        show_default=True,
+        help="Stream messages a job's process holds while the worker is slow; "
+        "further log lines and partial results are dropped (and counted).",
+    ),
 ]
 
 _LOG_OPTION = click.option(
@@ -320,6 +327,7 @@ def _make_worker(
     identity: str | None = None,
     capture_output: bool = False,
     stream_log_level: str = "info",
+    stream_buffer: int = 10_000,
 ):
     from corral.worker.manager import WorkerConfig, WorkerManager
 
@@ -334,6 +342,7 @@ def _make_worker(
         heartbeat_interval=heartbeat,
         capture_output=capture_output,
         stream_log_level=None if stream_log_level == "none" else stream_log_level,
+        stream_buffer=max(1, stream_buffer),
     )
     if concurrency:
         config.concurrency = concurrency
@@ -419,6 +428,7 @@ _WORKER_KEYS = {
     "heartbeat",
     "capture_output",
     "stream_log_level",
+    "stream_buffer",
 }
 
 

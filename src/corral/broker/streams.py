@@ -213,10 +213,8 @@ class BrokerStreams:
             return
         worker = core.workers.get(identity)
         if worker is None:
-            core._refuse(
-                dest, identity, "unknown-worker", "STREAM from a worker that has not INFORMed",
-                msg.msgid,
-            )  # fmt: skip
+            detail = "STREAM from a worker that has not INFORMed"
+            core._refuse(dest, identity, "unknown-worker", detail, msg.msgid)
             return
         try:
             groups = decode_batch(msg.batch)
@@ -318,17 +316,15 @@ class BrokerStreams:
         else:
             text = f"job {name} is not running or queued, or was submitted by another client"
             outcome = msgspec.json.encode({"error": {"type": "NotOwner", "message": text}})
-        self.core.outbox.append(
-            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), outcome,
-                                       msg.msgid.encode()])
-        )  # fmt: skip
+        frames = [b"", PROTOCOL, _REPLY, new_msgid().encode(), outcome, msg.msgid.encode()]
+        self.core.outbox.append((Dest.FRONTEND, identity, frames))
 
     def _zmq_close(self, identity: bytes, ref: str, reason: str, detail: str) -> None:
         log.debug("listener %s of %r closed: %s", ref, identity[:64], detail)
+        batch = b"[" + listener_close(reason) + b"]"
         self.core.outbox.append(
-            (Dest.FRONTEND, identity, Stream(new_msgid(), ref, b"[" + listener_close(reason)
-                                             + b"]").to_frames())
-        )  # fmt: skip
+            (Dest.FRONTEND, identity, Stream(new_msgid(), ref, batch).to_frames())
+        )
 
     def unreachable(self, identity: bytes) -> None:
         """A client went away (the frontend could not route to it): drop its listeners."""
@@ -474,8 +470,8 @@ class BrokerStreams:
                     self.zmq.pop((where, ref), None)
                     self._by_identity.get(where, set()).discard(delivery.listener.id)
             else:
-                self._write(where, self._framer(ref).lines(delivery.head, delivery.items,
-                                                           delivery.tail))  # fmt: skip
+                lines = self._framer(ref).lines(delivery.head, delivery.items, delivery.tail)
+                self._write(where, lines)
                 if delivery.ended:
                     self.conns.get(where, {}).pop(ref, None)
 
