@@ -78,18 +78,22 @@ class LineServer:
         self.server = await loop.create_server(lambda: _Connection(self), sock=self.sock)
 
     def write_out(self) -> None:
-        out = self.streams.tcp_out
-        if not out:
-            return
-        self.streams.tcp_out = {}
-        for conn, chunks in out.items():
-            transport = self.transports.get(conn)
-            if transport is None or transport.is_closing():
-                continue
-            transport.write(b"".join(chunks))
-            if transport.get_write_buffer_size() > MAX_UNREAD:
-                log.warning("stream connection %d does not read its replies; closed", conn)
-                transport.abort()
+        streams = self.streams
+        # Listeners get their items in chunks of credit, refilled while the socket takes
+        # them; a full socket pauses its listeners (see _Connection.pause_writing).
+        while streams.tcp_out:
+            out, streams.tcp_out = streams.tcp_out, {}
+            for conn, chunks in out.items():
+                transport = self.transports.get(conn)
+                if transport is None or transport.is_closing():
+                    continue
+                transport.write(b"".join(chunks))
+                if transport.get_write_buffer_size() > MAX_UNREAD:
+                    log.warning("stream connection %d does not read its replies; closed", conn)
+                    transport.abort()
+                    continue
+                streams.refill(conn)
+            streams.pump()
 
     def close(self) -> None:
         if self.server is not None:

@@ -44,7 +44,6 @@ from corral.store.base import JobRecord
 from corral.store.query import FINISHED_STATES
 from corral.store.streams import StreamBatch, StreamRecord
 from corral.streams.hub import (
-    UNLIMITED,
     BadAfter,
     Delivery,
     HubConfig,
@@ -69,6 +68,8 @@ _REPLY = b"REPLY"
 #: Largest STREAM delivery message, in bytes (bigger ones are split).
 MAX_DELIVERY = 1 << 20
 MAX_WINDOW = 100_000
+#: Items handed to a TCP connection at a time (refilled while its socket keeps up).
+TCP_CREDIT = 1024
 
 _Pending = Callable[[], None]
 
@@ -95,6 +96,7 @@ class BrokerStreams:
         #: TCP connections: conn id -> {stream: hub listener id}, and bytes to write.
         self.conns: dict[int, dict[str, int]] = {}
         self.tcp_out: dict[int, list[bytes]] = {}
+        self._paused: set[int] = set()
         self._framers: dict[str, Framer] = {}
         #: Streams to read from the store (for the shell), and requests waiting on them.
         self.loads: list[str] = []
@@ -342,11 +344,22 @@ class BrokerStreams:
         for lid in self.conns.pop(conn, {}).values():
             self.hub.hangup(lid)
         self.tcp_out.pop(conn, None)
+        self._paused.discard(conn)
 
     def pause(self, conn: int, paused: bool) -> None:
         """The connection's socket buffer is full (``True``) or drained (``False``)."""
+        if paused:
+            self._paused.add(conn)
+        else:
+            self._paused.discard(conn)
         for lid in self.conns.get(conn, {}).values():
-            self.hub.set_credit(lid, 0 if paused else UNLIMITED)
+            self.hub.set_credit(lid, 0 if paused else TCP_CREDIT)
+
+    def refill(self, conn: int) -> None:
+        """What was written to ``conn`` went out: its listeners may have more."""
+        if conn not in self._paused:
+            for lid in list(self.conns.get(conn, {}).values()):
+                self.hub.set_credit(lid, TCP_CREDIT)
 
     def bad_line(self, conn: int, error: LineError, line: int) -> None:
         self.core.stats.malformed[f"line-{error.reason}"] += 1
@@ -423,7 +436,8 @@ class BrokerStreams:
             if conn not in self.conns:
                 return  # gone while the stream was read from the store
             try:
-                listener = self.hub.listen(name, after, UNLIMITED, ("t", conn, name))
+                credit = 0 if conn in self._paused else TCP_CREDIT
+                listener = self.hub.listen(name, after, credit, ("t", conn, name))
             except BadAfter as exc:
                 self._refuse_line(conn, "bad-after", str(exc), line, name)
                 return
