@@ -66,6 +66,7 @@ def throughput(cluster: Cluster, client: corral.Client, n: int, listeners: int) 
     with tempfile.TemporaryDirectory() as tmp:
         start = Path(tmp) / "start"
         job = client.submit("bench.stream_jobs:burst", n, str(start))
+        job.wait_acknowledged(30)
         results = asyncio.run(_listeners(cluster, job.id, listeners, start))
         produced = job.result(timeout=600)
     info = client.job_info(job.id)
@@ -88,7 +89,7 @@ def latency(cluster: Cluster, client: corral.Client, n: int, interval: float) ->
         start = Path(tmp) / "start"
         job = client.submit("bench.stream_jobs:paced", n, interval, str(start))
         samples = []
-        with client.stream(job.id, timeout=60) as stream:
+        with client.stream(job, timeout=60) as stream:
             next(stream)  # the header: listening
             start.touch()
             for message in stream:

@@ -107,10 +107,10 @@ def client(broker):
 
 def test_a_job_streams_progress_logs_partials_and_its_outcome(client):
     job = client.submit("tests.jobs:chatter", 20, every=5, sleep=0.01)
-    live = list(client.stream(job.id, timeout=20))
+    live = list(client.stream(job, timeout=20))
     contiguous(live)
     # From the start of the history, whenever the listener joined:
-    messages = list(client.stream(job.id, after=0, timeout=20))
+    messages = list(client.stream(job, after=0, timeout=20))
     assert [m.seq for m in messages] == list(range(1, live[-1].seq + 1))
     messages.insert(0, Header(0, None, None, None, None))
     logs = [m.text for m in messages if isinstance(m, Log)]
@@ -124,11 +124,11 @@ def test_a_job_streams_progress_logs_partials_and_its_outcome(client):
         "of": 20,
     }
     # After the end: the header has it all, then the close.
-    late = list(client.stream(job.id, timeout=20))
+    late = list(client.stream(job, timeout=20))
     assert late[0].close is not None and late[0].partial == {"said": 20}
     assert late[0].value == {"phase": "chatting", "of": 20}
     assert late[-1].seq == close.seq
-    again = list(client.stream(job.id, after=3, timeout=20))
+    again = list(client.stream(job, after=3, timeout=20))
     assert [m.seq for m in again] == list(range(4, close.seq + 1))
 
 
@@ -136,7 +136,7 @@ def test_asyncio_listener_and_a_failed_job(broker):
     async def run():
         async with corral.AsyncClient(broker.addrs.frontend) as client:
             job = await client.submit("tests.jobs:chatter", 5, fail=True)
-            messages = [m async for m in client.stream(job.id, timeout=20)]
+            messages = [m async for m in await client.stream(job, timeout=20)]
             with pytest.raises(corral.JobFailed):
                 await job
             return messages
@@ -182,7 +182,7 @@ def test_late_joiners_under_four_concurrent_producers(broker, client, tmp_path):
     job = client.submit("tests.jobs:chatter_until", str(stop), 0.001)
     token = client.stream_token(job.id)
     per_producer = 3000
-    first = Reader(client.stream(job.id, timeout=30))
+    first = Reader(client.stream(job, timeout=30))
 
     def produce(k: int) -> None:
         producer = LineClient(broker)
@@ -206,7 +206,7 @@ def test_late_joiners_under_four_concurrent_producers(broker, client, tmp_path):
         what="the network producers' messages",
     )
     assert first.error is None and not isinstance(first.got[-1], Close), first.got[-1]
-    late = client.stream(job.id, timeout=30)
+    late = client.stream(job, timeout=30)
     header = next(late)
     late_reader = Reader(late)
     late_tcp = LineClient(broker)
@@ -217,7 +217,7 @@ def test_late_joiners_under_four_concurrent_producers(broker, client, tmp_path):
 
     tcp_reader = Reader(tcp_lines())
     resume_at = max(0, header.seq - 50)
-    resumed = Reader(client.stream(job.id, after=resume_at, timeout=30))
+    resumed = Reader(client.stream(job, after=resume_at, timeout=30))
     for t in threads:
         t.join()
 
@@ -259,6 +259,7 @@ def test_late_joiners_under_four_concurrent_producers(broker, client, tmp_path):
 def test_a_thousand_listeners_on_one_stream(broker, client, tmp_path):
     stop = tmp_path / "stop"
     job = client.submit("tests.jobs:chatter_until", str(stop), 0.005)
+    assert job.wait_acknowledged(10)  # the TCP listeners come on another connection
     host, port = tcp_address(broker)
 
     async def listen_all() -> list[list[dict]]:
@@ -304,10 +305,11 @@ def stalled_and_normal(broker, client) -> None:
     # Slow enough that a listener in this (busy) process keeps up, long enough that
     # the stalled ones pass their bound (the TCP one after its socket buffers fill).
     job = client.submit("tests.jobs:chatter", 5000, sleep=0.0005, pad=400)
-    stalled_py = client.stream(job.id, window=10, timeout=20)
+    stalled_py = client.stream(job, window=10, timeout=20)
+    assert job.wait_acknowledged(10)
     stalled_tcp = LineClient(broker, rcvbuf=4096)
     stalled_tcp.send(action="listen", stream=job.id)
-    normal = list(client.stream(job.id, timeout=20))
+    normal = list(client.stream(job, timeout=20))
     contiguous(normal)
     assert normal[-1].ok
     got = list(stalled_py)
@@ -360,7 +362,7 @@ def test_network_producers_need_the_token(broker, client, tmp_path):
     producer.send(action="put", stream=job.id, message="from outside", token=token)
     producer.send(action="header", stream=job.id, message={"who": "admin"}, token=TOKEN)
     messages = []
-    for message in client.stream(job.id, after=0, timeout=20):
+    for message in client.stream(job, after=0, timeout=20):
         messages.append(message)
         if isinstance(message, Header) and message.value == {"who": "admin"}:
             stop.touch()
@@ -377,7 +379,7 @@ def test_kill_9_of_the_broker_mid_stream_then_after_seq_resumes(cluster, tmp_pat
     stop = tmp_path / "stop"
     with corral.Client(cluster.addrs.frontend) as client:
         job = client.submit("tests.jobs:chatter_until", str(stop), 0.01)
-        stream = client.stream(job.id, timeout=30)
+        stream = client.stream(job, timeout=30)
         before = [next(stream) for _ in range(40)]
         assert isinstance(before[0], Header)
         broker = next(p for p in cluster.procs if p.name == "broker")
@@ -398,7 +400,7 @@ def test_kill_9_of_the_broker_mid_stream_then_after_seq_resumes(cluster, tmp_pat
         ticks = [int(m.text.split()[1]) for m in messages if isinstance(m, Log)]
         assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), "a tick lost or repeated"
         # A new listener resumes from a seq seen before the restart, from the store.
-        resumed = list(client.stream(job.id, after=seen_before_restart, timeout=30))
+        resumed = list(client.stream(job, after=seen_before_restart, timeout=30))
         assert [m.seq for m in resumed] == list(range(seen_before_restart + 1, after[-1].seq + 1))
 
 
@@ -430,7 +432,7 @@ def test_stdout_and_logging_records_are_captured(cluster):
     cluster.worker("--capture-output", concurrency=1, imports=("tests.jobs",))
     with corral.Client(cluster.addrs.frontend) as client:
         job = client.submit("tests.jobs:loud", 3)
-        logs = [m for m in client.stream(job.id, after=0, timeout=20) if isinstance(m, Log)]
+        logs = [m for m in client.stream(job, after=0, timeout=20) if isinstance(m, Log)]
     printed = [m.text for m in logs if m.source == "stdout"]
     logged = [(m.text, m.level, m.logger) for m in logs if m.source == "log"]
     assert printed == ["printed 0", "printed 1", "printed 2"]

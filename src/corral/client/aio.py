@@ -195,18 +195,21 @@ class AsyncClient:
 
     # ------------------------------------------------------------ job streams
 
-    def stream(
+    async def stream(
         self,
-        job_id: str,
+        job_id: str | AsyncJob,
         after: int | None = None,
         *,
         window: int = 1000,
         timeout: float | None = None,
         codec: Any = None,
     ) -> AsyncJobStream:
-        """``async for message in client.stream(job_id)``: as :meth:`corral.Client.stream`."""
+        """``async for message in await client.stream(job)``: as :meth:`corral.Client.stream`."""
         if self._closing:
             raise ClientClosed("the client is closed")
+        if isinstance(job_id, AsyncJob):
+            await asyncio.wait_for(job_id.wait_acknowledged(), self.ack_timeout)
+            job_id = job_id.id
         return AsyncJobStream(
             self.address, job_id, after, window=window, timeout=timeout, codec=codec
         )

@@ -244,7 +244,7 @@ class Client:
 
     def stream(
         self,
-        job_id: str,
+        job_id: str | Job,
         after: int | None = None,
         *,
         window: int = 1000,
@@ -261,8 +261,15 @@ class Client:
         in flight; ``timeout`` (default none) bounds each wait; ``codec``
         decodes values (default :data:`corral.codec.default`). See
         :class:`~corral.client.streams.JobStream`.
+
+        Pass the :class:`Job` itself for a job just submitted: the stream is
+        asked for once the broker has accepted the job (a stream the broker has
+        never heard of ends at once with a ``Close`` of reason ``unknown``).
         """
         self._check_usable()
+        if isinstance(job_id, Job):
+            job_id.wait_acknowledged(self.ack_timeout)
+            job_id = job_id.id
         return JobStream(self.address, job_id, after, window=window, timeout=timeout, codec=codec)
 
     def stream_token(self, job_id: str, *, timeout: float | None = 30.0) -> str:
