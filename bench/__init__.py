@@ -1,1 +1,1 @@
-"""Benchmarks: run with `make bench` (never part of `make test`)."""
+"""Benchmarks: corral side by side with its peers (`make bench`; never part of `make test`)."""

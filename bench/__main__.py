@@ -1,6 +1,6 @@
-"""`python -m bench`: every benchmark, printed."""
+"""`python -m bench`: corral and its peers side by side (see bench/main.py)."""
 
-from bench.core import main
+from bench.main import main
 
 main()
 

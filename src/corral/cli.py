@@ -1,4 +1,4 @@
-"""The ``corral`` command: broker, worker, up, submit, status."""
+"""The ``corral`` command: broker, worker, up, gateway, submit, status, job records, schedules."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Any
 
 import click
 
+from corral.gateway.command import BROKER_OPTIONS as GATEWAY_OPTIONS
+from corral.gateway.command import beside as gateway_beside
+from corral.gateway.command import gateway_command, gateway_for_broker
 from corral.protocol import DEFAULT_ADMIN, DEFAULT_BACKEND, DEFAULT_FRONTEND
 
 DEFAULT_NOTIFY = "tcp://127.0.0.1:47294"
@@ -26,6 +29,25 @@ def _setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_duration(text: str, option: str = "duration") -> float:
+    """``"90"`` or ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` -> seconds."""
+    value = text.strip().lower()
+    scale = _UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use a number of seconds or e.g. 30m, 12h, 7d", param_hint=option
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise click.BadParameter(f"{text!r} must be >= 0", param_hint=option)
+    return seconds
 
 
 def parse_queues(text: str) -> tuple[tuple[int, str], ...]:
@@ -121,6 +143,14 @@ _BROKER_OPTIONS = [
         "back before those jobs count as lost [default: --liveness heartbeat intervals].",
     ),
     click.option(
+        "--retention",
+        default="7d",
+        show_default=True,
+        metavar="DURATION",
+        help="How long records and results of finished jobs are kept (e.g. 12h, 7d; "
+        "'forever' keeps them).",
+    ),
+    click.option(
         "--streams",
         default=DEFAULT_STREAMS,
         show_default=True,
@@ -150,6 +180,26 @@ _BROKER_OPTIONS = [
         is_flag=True,
         help="Insist on taking back an earlier run's state: refuse to start on a store "
         "that holds none. (A broker always takes back what its store holds.)",
+    ),
+    click.option(
+        "--builtin-scheduler/--no-builtin-scheduler",
+        default=True,
+        show_default=True,
+        help="Fire schedules in the broker itself (else only `corral scheduler` processes do).",
+    ),
+    click.option(
+        "--timezone",
+        default="UTC",
+        show_default=True,
+        envvar="CORRAL_TIMEZONE",
+        help="Time zone in which cron schedules read the clock (IANA name).",
+    ),
+    click.option(
+        "--missed-ticks",
+        type=click.Choice(["coalesce", "skip"]),
+        default="coalesce",
+        show_default=True,
+        help="Ticks missed while the broker was down: run once at start, or skip them.",
     ),
 ]
 
@@ -259,6 +309,10 @@ def _make_broker(
     retry_backoff: float,
     retry_backoff_cap: float,
     restore_grace: float | None,
+    retention: str,
+    builtin_scheduler: bool,
+    timezone: str,
+    missed_ticks: str,
     streams: str = DEFAULT_STREAMS,
     stream_history: int = 1000,
     stream_queue: int = 10_000,
@@ -268,6 +322,7 @@ def _make_broker(
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
     from corral.broker.streams import BrokerStreams
+    from corral.scheduler import SchedulerConfig
     from corral.store import StoreError, open_store
     from corral.streams.hub import HubConfig
 
@@ -279,15 +334,23 @@ def _make_broker(
         raise click.ClickException(str(exc)) from None
     if not 0 < retry_backoff <= retry_backoff_cap:
         raise click.BadParameter("need 0 < --retry-backoff <= --retry-backoff-cap")
-    core = BrokerCore(
-        BrokerConfig(
-            heartbeat_interval=heartbeat,
-            heartbeat_liveness=liveness,
-            max_frame=max_frame,
-            retry_backoff_base=retry_backoff,
-            retry_backoff_cap=retry_backoff_cap,
-            restore_grace=restore_grace,
+    schedules = SchedulerConfig(builtin=builtin_scheduler, timezone=timezone, missed=missed_ticks)
+    try:
+        core = BrokerCore(
+            BrokerConfig(
+                heartbeat_interval=heartbeat,
+                heartbeat_liveness=liveness,
+                max_frame=max_frame,
+                retry_backoff_base=retry_backoff,
+                retry_backoff_cap=retry_backoff_cap,
+                restore_grace=restore_grace,
+                schedules=schedules,
+            )
         )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timezone") from None
+    keep = (
+        None if retention.strip().lower() == "forever" else parse_duration(retention, "--retention")
     )
     if stream_history < 1 or stream_queue < 1:
         raise click.BadParameter("--stream-history and --stream-queue must be >= 1")
@@ -298,6 +361,7 @@ def _make_broker(
         admin=admin,
         notify=notify or None,
         store=store,
+        retention=keep,
         streams=BrokerStreams(
             core, HubConfig(history=stream_history, listener_queue=stream_queue), stream_token
         ),
@@ -367,10 +431,11 @@ def main() -> None:
 
 
 @main.command()
-@_options([*_BROKER_OPTIONS, _LOG_OPTION])
+@_options([*_BROKER_OPTIONS, *GATEWAY_OPTIONS, _LOG_OPTION])
 def broker(log_level: str, **opts: Any) -> None:
-    """Run a broker."""
+    """Run a broker (with --gateway, also the JSON-RPC gateway)."""
     _setup_logging(log_level)
+    gateway = gateway_for_broker(opts, max_frame=opts["max_frame"])
     server = _make_broker(**opts)
     log.info(
         "broker ready: frontend %s, backend %s, admin %s",
@@ -378,7 +443,12 @@ def broker(log_level: str, **opts: Any) -> None:
         opts["backend"],
         opts["admin"],
     )
-    asyncio.run(server.serve())
+
+    async def serve() -> None:
+        async with gateway_beside(gateway, server):
+            await server.serve()
+
+    asyncio.run(serve())
 
 
 @main.command()
@@ -411,6 +481,10 @@ _BROKER_KEYS = {
     "retry_backoff",
     "retry_backoff_cap",
     "restore_grace",
+    "retention",
+    "builtin_scheduler",
+    "timezone",
+    "missed_ticks",
     "streams",
     "stream_history",
     "stream_queue",
@@ -433,12 +507,13 @@ _WORKER_KEYS = {
 
 
 @main.command()
-@_options([*_BROKER_OPTIONS, *_WORKER_OPTIONS, _LOG_OPTION])
+@_options([*_BROKER_OPTIONS, *_WORKER_OPTIONS, *GATEWAY_OPTIONS, _LOG_OPTION])
 def up(log_level: str, **opts: Any) -> None:
     """Run a broker and a worker together (the quickest way to start)."""
     _setup_logging(log_level)
     sys.path.insert(0, os.getcwd())
     opts["imports"] = ("corral.examples", *opts["imports"])
+    gateway = gateway_for_broker(opts, max_frame=opts["max_frame"])
     server = _make_broker(**{k: v for k, v in opts.items() if k in _BROKER_KEYS})
     w = _make_worker(**{k: v for k, v in opts.items() if k in _WORKER_KEYS})
     click.echo(_banner(opts["frontend"], opts["admin"], server.store.url))
@@ -446,7 +521,8 @@ def up(log_level: str, **opts: Any) -> None:
     async def both() -> None:
         worker_task = asyncio.ensure_future(w.run())
         try:
-            await server.serve()
+            async with gateway_beside(gateway, server):
+                await server.serve()
         finally:
             w.stop()
             await worker_task
@@ -456,6 +532,7 @@ def up(log_level: str, **opts: Any) -> None:
 
 def _banner(frontend: str, admin: str, store: str) -> str:
     env = "" if frontend == DEFAULT_FRONTEND else f"CORRAL_BROKER={frontend} "
+    status = "corral status" if admin == DEFAULT_ADMIN else f"corral status --admin {admin}"
     return (
         f"corral is up: broker on {frontend} (admin {admin}) with one worker; "
         f"jobs are kept in {store}.\n"
@@ -464,7 +541,7 @@ def _banner(frontend: str, admin: str, store: str) -> str:
         f"or from Python:\n"
         f"    import corral; print(corral.Client({frontend!r})"
         f".submit('corral.examples:add', 2, 3).result())\n"
-        f"See the queues and workers with `corral status`. Stop with Ctrl-C."
+        f"See the queues and workers with `{status}`. Stop with Ctrl-C."
     )
 
 
@@ -603,7 +680,11 @@ def job_cmd(job_id: str, address: str | None, as_json: bool) -> None:
 )
 @click.option("--dead", is_flag=True, help="Only dead jobs (the dead-letter set).")
 @click.option("--queue", "-q", default=None)
-@click.option("--label", default=None)
+@click.option("--label", default=None, help="Only jobs submitted with this label.")
+@click.option("--worker", "worker_id", type=int, default=None, help="Only jobs of this worker id.")
+@click.option(
+    "--since", default=None, metavar="DURATION", help="Only jobs submitted this long ago or since."
+)
 @click.option("--limit", "-n", default=50, show_default=True)
 @_BROKER_OPTION
 @_JSON_OPTION
@@ -612,14 +693,25 @@ def jobs_cmd(
     dead: bool,
     queue: str | None,
     label: str | None,
+    worker_id: int | None,
+    since: str | None,
     limit: int,
     address: str | None,
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
+    import time
+
     states = [*state, *(["dead"] if dead else [])]
     found = _client_call(
-        address, "jobs", state=states or None, queue=queue, label=label, limit=limit
+        address,
+        "jobs",
+        state=states or None,
+        queue=queue,
+        label=label,
+        worker_id=worker_id,
+        since=None if since is None else time.time() - parse_duration(since, "--since"),
+        limit=limit,
     )
     if as_json:
         click.echo(json.dumps(found, indent=2, sort_keys=True))
@@ -627,6 +719,37 @@ def jobs_cmd(
     from corral.display import print_jobs
 
     print_jobs(found)
+
+
+@main.command("cancel")
+@click.argument("job_id")
+@_BROKER_OPTION
+@_JSON_OPTION
+def cancel_cmd(job_id: str, address: str | None, as_json: bool) -> None:
+    """Cancel a job: a queued one never runs, a running one's process is killed."""
+    answer = _client_call(address, "cancel", job_id)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+    elif answer["cancelled"]:
+        click.echo(f"job {answer['id']} cancelled (it was {answer['was']})")
+    else:
+        click.echo(answer["detail"])
+
+
+@main.command("purge")
+@click.option(
+    "--older-than",
+    default="7d",
+    show_default=True,
+    metavar="DURATION",
+    help="Delete records of jobs that ended longer ago than this (e.g. 90s, 30m, 12h, 7d).",
+)
+@_BROKER_OPTION
+def purge_cmd(older_than: str, address: str | None) -> None:
+    """Delete the records (and results) of jobs that ended long ago."""
+    seconds = parse_duration(older_than, "--older-than")
+    purged = _client_call(address, "purge", seconds)
+    click.echo(f"purged {purged} job record(s) that ended over {older_than} ago")
 
 
 @main.command("retry")
@@ -653,3 +776,13 @@ def tail_cmd(job_id: str, after: int | None, address: str | None, as_json: bool)
     except CorralError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
+
+
+def _register_schedule_commands() -> None:
+    from corral.scheduler.cli import register
+
+    register(main)
+
+
+_register_schedule_commands()
+main.add_command(gateway_command)

@@ -48,6 +48,8 @@ def print_status(
         f"completed {stats.get('jobs_completed', 0)}, "
         f"workers lost {stats.get('workers_lost', 0)}"
     )
+    if stats.get("schedules") or stats.get("ticks_fired"):
+        line += f", schedules {stats.get('schedules', 0)} (ticks run {stats.get('ticks_fired', 0)})"
     if bad:
         line += ", malformed messages " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
     console.print(line)
@@ -89,6 +91,8 @@ def print_job(job: dict[str, Any], console: Console | None = None) -> None:
         table.add_row(key, str(job.get(key)))
     for key in ("submitted", "started", "completed", "received"):
         table.add_row(key, _when(job.get(key)))
+    if job.get("after"):
+        table.add_row("after", ", ".join(job["after"]))
     if job.get("error"):
         error = job["error"]
         table.add_row("error", f"{error.get('type')}: {error.get('message')}")

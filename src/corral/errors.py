@@ -36,6 +36,10 @@ class JobCancelled(CorralError):
     """A job was cancelled; if it was running, its process was killed."""
 
 
+class DependencyFailed(CorralError):
+    """A job submitted with ``after=`` cannot run: a job it waits for failed or was cancelled."""
+
+
 class SerializationError(CorralError):
     """A value could not be encoded for the wire (e.g. not JSON-serializable)."""
 
@@ -119,6 +123,7 @@ _WIRE_TYPES = (
     "TimeLimitExceeded",
     "WorkerLost",
     "JobCancelled",
+    "DependencyFailed",
     "SerializationError",
 )
 _remote_classes: dict[str, type[JobFailed]] = {}

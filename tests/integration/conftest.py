@@ -14,6 +14,14 @@ def cluster(tmp_path, request):
         print(c.output())
 
 
+@pytest.fixture
+def up(cluster):
+    """A broker and one worker with two processes that runs the examples and the test jobs."""
+    cluster.broker()
+    cluster.worker(concurrency=2, imports=("corral.examples", "tests.jobs"))
+    return cluster
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -152,6 +152,36 @@ def corral_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "corral", *args]
 
 
+def broker_refuses_to_start(data_dir: Path, *extra: str) -> str:
+    """Run a broker that must exit at once with a clear message; return that message.
+
+    Its ports are fresh, so only what is wrong with ``data_dir`` can stop it.
+    """
+    addrs = BrokerAddrs()
+    out = subprocess.run(
+        corral_cmd(
+            "broker",
+            "--data-dir",
+            str(data_dir),
+            "--frontend",
+            addrs.frontend,
+            "--backend",
+            addrs.backend,
+            "--admin",
+            addrs.admin,
+            "--notify",
+            "",
+            *extra,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0, f"the broker started:\n{out.stderr}"
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.stderr
+
+
 class Cluster:
     """A set of corral processes for one test; :meth:`close` stops them all."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import pytest
@@ -14,7 +13,7 @@ import zmq
 import corral
 from corral.errors import JobFailed
 from corral.protocol import PROTOCOL, Error, Query, Reply, Request, new_msgid, parse
-from tests.integration.procs import corral_cmd, free_addr, wait_for
+from tests.integration.procs import broker_refuses_to_start, corral_cmd, free_addr, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -116,46 +115,13 @@ def test_lost_worker_that_comes_back_drops_the_job_another_worker_took(cluster, 
 
 def test_store_in_use_by_another_broker_is_a_clear_error(cluster):
     cluster.broker()
-    out = subprocess.run(
-        corral_cmd(
-            "broker",
-            "--data-dir",
-            str(cluster.tmp / "data"),
-            "--frontend",
-            free_addr(),
-            "--backend",
-            free_addr(),
-            "--admin",
-            free_addr(),
-            "--notify",
-            "",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode != 0
-    assert "in use by another broker (pid" in out.stderr and "Traceback" not in out.stderr
+    message = broker_refuses_to_start(cluster.tmp / "data")
+    assert "in use by another broker (pid" in message
 
 
 def test_restore_refuses_a_store_without_state(tmp_path):
-    out = subprocess.run(
-        corral_cmd(
-            "broker",
-            "--restore",
-            "--data-dir",
-            str(tmp_path / "nothing-here"),
-            "--frontend",
-            free_addr(),
-            "--notify",
-            "",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode != 0
-    assert "holds nothing from an earlier run" in out.stderr and "Traceback" not in out.stderr
+    message = broker_refuses_to_start(tmp_path / "nothing-here", "--restore")
+    assert "holds nothing from an earlier run" in message
 
 
 def test_corral_up_killed_with_sigkill_restarts_on_the_same_ports_at_once(cluster):

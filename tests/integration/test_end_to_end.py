@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -13,13 +14,6 @@ from corral.errors import JobFailed
 from tests.integration.procs import corral_cmd, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def up(cluster):
-    cluster.broker()
-    cluster.worker(concurrency=2, imports=("corral.examples", "tests.jobs"))
-    return cluster
 
 
 @pytest.fixture
@@ -71,6 +65,32 @@ def test_jobs_wait_in_their_queue_until_a_worker_serves_it(up, client):
     assert not job.done()
     up.worker("--queues", "later:10", concurrency=1, imports=("corral.examples",))
     assert job.result(timeout=10) == 3
+
+
+def test_job_without_reply_is_done_once_stored(up, client):
+    # No worker serves "later", so only the broker's acknowledgement can end this job.
+    job = client.submit_with("corral.examples:add", (1, 2), queue="later", reply=False)
+    assert job.result(timeout=10) is None
+    assert job.acknowledged
+    assert client.job_info(job.id)["state"] == "queued"
+    up.worker("--queues", "later:10", concurrency=1, imports=("corral.examples",))
+    wait_for(
+        lambda: client.job_info(job.id)["state"] == "succeeded",
+        what="the job to run although nobody waits for it",
+    )
+    assert client.job_info(job.id)["result"] == 3
+
+
+def test_async_job_without_reply_is_done_once_stored(up):
+    async def main() -> None:
+        async with corral.AsyncClient(up.addrs.frontend) as client:
+            job = await client.submit_with(
+                "corral.examples:add", (2, 2), queue="later", reply=False
+            )
+            assert await asyncio.wait_for(job, 10) is None
+            assert job.acknowledged
+
+    asyncio.run(main())
 
 
 def test_higher_weight_queue_first(up):

@@ -32,7 +32,7 @@ class Broker:
         jobs, workers, meta = self.core.take_changes()
         self.streams.note_jobs(jobs)
         batch, marks = self.streams.take_changes()
-        self.store.commit(jobs, workers, meta, batch)
+        self.store.commit(jobs, workers, meta, streams=batch)
         self.core.released(self.core.acks)
         self.core.acks = []
         self.streams.committed(marks)

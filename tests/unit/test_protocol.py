@@ -184,6 +184,21 @@ class TestHeaders:
         (frames("SCHEDULE", b"q", b"", b"-1", BODY, b""), "bad-schedule"),
         (frames("SCHEDULE", b"q", b"", b"-1", BODY, b"* * *"), "bad-schedule"),
         (frames("PUBLISH", b"t", b"{"), "bad-json"),
+        (frames("PUBLISH", b"t", b"[" * 5000 + b"]" * 5000), "bad-json"),
+        (
+            frames(
+                "REQUEST",
+                b"q",
+                b"",
+                b'["run", {"path": "a", "callable": "b", "args": '
+                + b"[" * 5000
+                + b"]" * 5000
+                + b"}]",
+            ),
+            "bad-body",
+        ),
+        (frames("REPLY", b'{"value": ' + b"[" * 5000 + b"]" * 5000 + b"}", b"id"), "bad-result"),
+        (frames("QUERY", b'{"op": "job", "id": ' + b"[" * 5000 + b"]" * 5000 + b"}"), "bad-json"),
     ],
 )
 def test_malformed_reasons(frames_, reason):

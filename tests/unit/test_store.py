@@ -6,7 +6,14 @@ import sqlite3
 
 import pytest
 
-from corral.store import JobQuery, JobRecord, StoreError, WorkerRecord, open_store
+from corral.store import (
+    JobQuery,
+    JobRecord,
+    ScheduleRecord,
+    StoreError,
+    WorkerRecord,
+    open_store,
+)
 
 
 def rec(id_, state="queued", queue="default", submitted=1.0, **kw):
@@ -137,3 +144,36 @@ def test_second_broker_on_the_same_file_is_refused(tmp_path):
 def test_unknown_store_url():
     with pytest.raises(StoreError, match="unknown store"):
         open_store("redis://x")
+
+
+def sched(id_, state="active", **kw):
+    fields = dict(
+        id=id_,
+        state=state,
+        queue="reports",
+        headers="nohaste,run_count:3",
+        interval=-1,
+        cron="*/5 * * * *",
+        body=b'["run", {"path": "m", "callable": "f"}]',
+        anchor=1_700_000_000_123,
+        created=1.5,
+        updated=1.5,
+    )
+    return ScheduleRecord(**{**fields, **kw})
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_schedules_are_upserted_and_only_active_ones_restored(kind, tmp_path):
+    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/b.db"
+    store = open_store(url)
+    store.open()
+    store.commit([rec("t")], [], {}, [sched("a"), sched("b"), sched("gone")])
+    later = sched("a", last_tick=1_700_000_300_000, last_run=1, runs=2, owner="e")
+    store.commit([], [], {}, [later, sched("gone", "finished")])
+    if kind == "sqlite":
+        store.close()
+        store = open_store(url)
+    snap = store.open()
+    store.close()
+    assert sorted(r.id for r in snap.schedules) == ["a", "b"]
+    assert next(r for r in snap.schedules if r.id == "a") == later

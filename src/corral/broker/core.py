@@ -1,7 +1,8 @@
 """The broker's state machine: messages in, messages out, no I/O.
 
 :class:`BrokerCore` owns queues, workers, schedulers and the table of jobs in
-flight. The shell (:mod:`corral.broker.server`) feeds it every message it
+flight; its :class:`~corral.scheduler.desk.ScheduleDesk` owns the schedules.
+The shell (:mod:`corral.broker.server`) feeds it every message it
 receives with the time, and sends what the core appended to :attr:`outbox`.
 Acknowledgements of accepted jobs go to :attr:`acks` instead, so that a shell
 with a store can hold them until the job is durably recorded.
@@ -44,11 +45,15 @@ from corral.protocol import (
     ShowSchedulers,
     ShowWorkers,
     Status,
+    Unschedule,
     encode_outcome_error,
     new_msgid,
     parse,
 )
-from corral.store.base import JobRecord, Snapshot, WorkerRecord
+from corral.scheduler.desk import OPS as SCHEDULE_OPS
+from corral.scheduler.desk import Claim, Refusal, ScheduleDesk, SchedulerConfig
+from corral.scheduler.ids import schedule_id, tick_id
+from corral.store.base import JobRecord, ScheduleRecord, Snapshot, WorkerRecord
 
 log = logging.getLogger("corral.broker")
 
@@ -93,6 +98,7 @@ class BrokerConfig:
     #: Ids of recently finished jobs remembered to refuse a duplicate REQUEST.
     recent_ids: int = 100_000
     seed: int | None = None
+    schedules: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 @dataclass(slots=True)
@@ -125,8 +131,12 @@ class BrokerCore:
         self.stopping = False
         self._next_heartbeat = 0.0
         self._logged: OrderedDict[tuple[bytes, str], None] = OrderedDict()
-        self._pending_schedules: list[list[bytes]] = []
-        self._rr_scheduler = 0
+        #: Schedules, who fires them, and which of their ticks count.
+        self.desk = ScheduleDesk(self.config.schedules, self._to_scheduler)
+        #: Jobs of ticks, dispatched only once stored (a broker restarted at a
+        #: tick fires it again under the same id, so it must not have run yet).
+        self._ticks_unsaved: list[Job] = []
+        self._ticks_saving: list[Job] = []
         #: Add to a monotonic ``now`` to get wall-clock time (set by the shell).
         self.wall_offset = 0.0
         #: Jobs and workers changed since the last :meth:`take_changes`.
@@ -142,7 +152,20 @@ class BrokerCore:
         #: Jobs restored as running, by the uuid of the worker that had them,
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        #: Recently finished jobs: id -> final state (``None`` when restored from the
+        #: store by id only). Refuses reused ids and answers dependency checks.
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
+        #: Identities (besides the submitter) that want a job's outcome, by job id.
+        self.listeners: dict[str, set[bytes]] = {}
+        #: Jobs waiting for a job (``after:ID``) to end, by that job's id.
+        self.dependents: dict[str, list[Job]] = {}
+        #: Ids of finished jobs whose final state the shell must read from the store
+        #: and hand to :meth:`resolve_dependency`.
+        self.lookups: list[str] = []
+        self._looking_up: set[str] = set()
+        #: Jobs that just ended, whose dependents are still to be told (see _finish).
+        self._ended: list[Job] = []
+        self._settling = False
         self._duplicates_reported = 0
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
@@ -161,24 +184,26 @@ class BrokerCore:
         msg = self._parse(Dest.FRONTEND, identity, frames)
         if msg is None:
             return
+        sched = self.schedulers.get(identity)
+        if sched is not None:
+            sched.last_seen = now  # any message from a scheduler counts as a heartbeat
         if isinstance(msg, Request):
             self._on_request(identity, msg, frames, now)
         elif isinstance(msg, Query):
-            self.queries.append((identity, msg))
+            if msg.op in SCHEDULE_OPS:
+                self._on_schedule_query(identity, msg, now)
+            else:
+                self.queries.append((identity, msg))
         elif isinstance(msg, Inform):
             self._on_scheduler_inform(identity, msg, now)
-        elif isinstance(msg, Heartbeat):
-            sched = self.schedulers.get(identity)
-            if sched is not None:
-                sched.last_seen = now
         elif isinstance(msg, Schedule):  # and Unschedule
-            self._on_schedule(identity, msg, frames)
+            self._on_schedule(identity, msg, frames, now)
         elif isinstance(msg, Kbye):
-            self.schedulers.pop(identity, None)
+            self._drop_scheduler(identity)
         elif isinstance(msg, Disconnect):
             self.stopping = True
-        elif isinstance(msg, Ack | Reply | Error):
-            pass  # schedulers may answer us; nothing to do
+        elif isinstance(msg, Ack | Reply | Error | Heartbeat):
+            pass  # schedulers answer us and heartbeat (their liveness is noted above)
         elif msg.command in self.extensions:
             self.extensions[msg.command](Dest.FRONTEND, identity, msg, now)
         else:
@@ -276,7 +301,8 @@ class BrokerCore:
             self._remove_worker(worker, now, reason="stopped heartbeating")
         for sched in [s for s in self.schedulers.values() if s.last_seen < deadline]:
             log.warning("scheduler %s stopped heartbeating; dropped", sched.name)
-            del self.schedulers[sched.identity]
+            self._drop_scheduler(sched.identity)
+        self._fire_due(now)
         if self.stats.duplicate_outcomes != self._duplicates_reported:
             log.info(
                 "%d second outcome(s) of finished jobs ignored (first outcome wins)",
@@ -301,6 +327,9 @@ class BrokerCore:
         due = self._next_heartbeat
         if heap:
             due = min(due, heap[0][0])
+        tick = self.desk.next_due()
+        if tick is not None:
+            due = min(due, (tick + 1) / 1000 - self.wall_offset)
         return due
 
     def shutdown(self) -> None:
@@ -314,18 +343,33 @@ class BrokerCore:
         """The shell could not route to ``identity`` (it disconnected)."""
         if dest is Dest.BACKEND and identity in self.workers:
             self._remove_worker(self.workers[identity], now, reason="is unreachable")
+        elif dest is Dest.FRONTEND and identity in self.schedulers:
+            self._drop_scheduler(identity)
 
     # ------------------------------------------------------------ jobs
 
     def _on_request(
         self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float
     ) -> None:
+        if self.desk.is_tick(identity, msg.msgid):
+            self._on_tick(identity, msg, frames, now)
+            return
         if msg.msgid in self.jobs or msg.msgid in self._recent:
             self._refuse(
                 Dest.FRONTEND,
                 identity,
                 "duplicate-id",
                 f"job {msg.msgid} was already submitted",
+                msg.msgid,
+            )
+            return
+        after = msg.headers.get_all("after")
+        if after and (msg.msgid in after or len(after) > MAX_DEPENDENCIES):
+            self._refuse(
+                Dest.FRONTEND,
+                identity,
+                "bad-header",
+                f"a job waits for 1-{MAX_DEPENDENCIES} other jobs, never for itself",
                 msg.msgid,
             )
             return
@@ -339,7 +383,91 @@ class BrokerCore:
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
         )
-        self._enqueue(job, now)
+        if after:
+            self._wait_for(job, after, now)
+        else:
+            self._enqueue(job, now)
+
+    # ------------------------------------------------------------ dependencies
+
+    def _wait_for(self, job: Job, after: list[str], now: float) -> None:
+        """Hold ``job`` until every job in ``after`` succeeded; fail it if one cannot."""
+        job.state = JobState.QUEUED
+        job.waiting_on = set()
+        for dep in after:
+            if dep in self.jobs:
+                pass  # still to run, or running
+            elif self._recent.get(dep) == JobState.SUCCEEDED.value:
+                continue
+            elif self._recent.get(dep) is not None:
+                self._dependency_failed(job, dep, self._recent[dep], now)
+                return
+            elif dep not in self._looking_up:
+                # Finished too long ago to be remembered, or never submitted: ask the store.
+                self._looking_up.add(dep)
+                self.lookups.append(dep)
+            job.waiting_on.add(dep)
+            self.dependents.setdefault(dep, []).append(job)
+        if not job.waiting_on:
+            job.waiting_on = None
+            self._enqueue(job, now)
+
+    def resolve_dependency(self, dep: str, state: str | None, now: float) -> None:
+        """The store's answer to a lookup: ``dep``'s final state, or ``None`` (no such job)."""
+        self._looking_up.discard(dep)
+        if dep in self.jobs:
+            return  # it arrived (or was retried) meanwhile: its end will settle its dependents
+        if state is not None:
+            self._recent.setdefault(dep, state)
+        self._settle_dependents(dep, state or "unknown", now)
+
+    def _settle_dependents(self, dep: str, state: str, now: float) -> None:
+        for job in self.dependents.pop(dep, ()):
+            if self.jobs.get(job.id) is not job or job.waiting_on is None:
+                continue  # ended meanwhile (cancelled, or another dependency failed)
+            if state == JobState.SUCCEEDED.value:
+                job.waiting_on.discard(dep)
+                if not job.waiting_on:
+                    job.waiting_on = None
+                    self._enqueue(job, now)
+            else:
+                self._dependency_failed(job, dep, state, now)
+
+    def _dependency_failed(self, job: Job, dep: str, state: str, now: float) -> None:
+        why = "there is no such job" if state == "unknown" else f"it ended {state}"
+        result = encode_outcome_error(
+            "DependencyFailed", f"job {job.id} waited for job {dep}, but {why}"
+        )
+        self._finish(job, result, "DependencyFailed", now)
+
+    # ------------------------------------------------------------ listeners and cancelling
+
+    def listen(self, job_id: str, identity: bytes) -> bool:
+        """Send ``job_id``'s outcome to ``identity`` too when it ends; ``False`` if it has ended."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if identity != job.submitter or not job.headers.reply_requested:
+            self.listeners.setdefault(job_id, set()).add(identity)
+        return True
+
+    def cancel(self, job_id: str, now: float) -> str | None:
+        """Cancel a job that has not ended; return the state it was in, or ``None``.
+
+        A queued or retrying job never runs; a running one is aborted on its
+        worker (its process is killed). Either way it ends ``cancelled`` at once.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        previous = job.state.value
+        if job.state is JobState.RUNNING and job.worker is not None:
+            self._abort(job.worker, job.id, "cancelled")
+            job.worker = None
+        result = encode_outcome_error("JobCancelled", f"job {job.id} was cancelled ({previous})")
+        self._finish(job, result, "JobCancelled", now)
+        log.info("job %s cancelled (it was %s)", job.id, previous)
+        return previous
 
     def _enqueue(self, job: Job, now: float, front: bool = False) -> None:
         queue = self._queue(job.queue)
@@ -477,15 +605,12 @@ class BrokerCore:
 
     def _finish(self, job: Job, result: bytes, error_type: str | None, now: float) -> None:
         del self.jobs[job.id]
-        if job.state is JobState.QUEUED:
-            # Only after a restart: the store said "queued" but the job had run and its
-            # worker re-sent the outcome. Rare, so a linear removal is fine.
-            waiting = self.queues[job.queue].waiting
-            if job in waiting:
-                waiting.remove(job)
-        self._recent[job.id] = None
-        if len(self._recent) > self.config.recent_ids:
-            self._recent.popitem(last=False)
+        if job.state is JobState.QUEUED and job.waiting_on is None:
+            # Cancelled, or after a restart: the store said "queued" but the job had run
+            # and its worker re-sent the outcome. Rare, so a linear removal is fine.
+            queue = self.queues.get(job.queue)
+            if queue is not None and job in queue.waiting:
+                queue.waiting.remove(job)
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
@@ -499,6 +624,10 @@ class BrokerCore:
             self.stats.dead += 1
         else:
             job.state = JobState.FAILED
+        self._recent[job.id] = job.state.value
+        if len(self._recent) > self.config.recent_ids:
+            self._recent.popitem(last=False)
+        job.waiting_on = None
         job.completed = now
         job.received_at = job.completed_at = now + self.wall_offset
         job.result = result
@@ -523,6 +652,26 @@ class BrokerCore:
                 self.held_results = True
             else:
                 self.outbox.append(reply)
+        for identity in self.listeners.pop(job.id, ()):
+            self.outbox.append(
+                (
+                    Dest.FRONTEND,
+                    identity,
+                    [b"", PROTOCOL, _REPLY, new_msgid().encode(), result, job.id.encode()],
+                )
+            )
+        # Dependents are told in a loop, not by recursion: a failure can run down a
+        # long chain of jobs that wait for each other.
+        self._ended.append(job)
+        if not self._settling:
+            self._settling = True
+            try:
+                while self._ended:
+                    ended = self._ended.pop()
+                    if ended.id in self.dependents:
+                        self._settle_dependents(ended.id, ended.state.value, now)
+            finally:
+                self._settling = False
 
     # ------------------------------------------------------------ workers
 
@@ -590,12 +739,17 @@ class BrokerCore:
             holder = job.worker
             if job.state is JobState.RUNNING and (holder is None or holder.identity == identity):
                 job.worker = worker
+                if job.worker_uuid != worker.name:
+                    # The store named another worker (it lagged): that one no longer
+                    # waits for this job.
+                    self._disown(job)
+                    job.worker_uuid, job.worker_id = worker.name, worker.id
+                    self.dirty[job.id] = job
                 worker.running[job_id] = job
                 return True
-            if job.state is JobState.QUEUED:
-                waiting = self.queues[job.queue].waiting
-                if job in waiting:
-                    waiting.remove(job)  # rare: only for a worker that comes back
+            queue = self.queues.get(job.queue)
+            if job.state is JobState.QUEUED and queue is not None and job in queue.waiting:
+                queue.waiting.remove(job)  # rare: only for a worker that comes back
                 job.state = JobState.RUNNING
                 job.worker = worker
                 job.worker_uuid, job.worker_id = worker.name, worker.id
@@ -620,6 +774,14 @@ class BrokerCore:
         self._abort(worker, job_id, f"the job is {where}")
         return False
 
+    def _disown(self, job: Job) -> None:
+        """Take ``job`` off the list of a restored worker that is still awaited."""
+        orphaned = self.orphans.get(job.worker_uuid or "")
+        if orphaned is not None and job in orphaned[1]:
+            orphaned[1].remove(job)
+            if not orphaned[1]:
+                del self.orphans[job.worker_uuid or ""]
+
     def _remove_worker(
         self, worker: Worker, now: float, *, reason: str, keep: set[str] | None = None
     ) -> None:
@@ -640,6 +802,8 @@ class BrokerCore:
     def _job_lost(self, job: Job, worker_name: str, now: float) -> None:
         if self.jobs.get(job.id) is not job or job.state is not JobState.RUNNING:
             return  # finished meanwhile (its outcome arrived first)
+        if job.worker is not None and job.worker.name != worker_name:
+            return  # another worker has it (it said so when it came back)
         job.worker = None
         if job.headers.guarantee or self._retries_left(job):
             self.stats.requeued += 1
@@ -687,32 +851,89 @@ class BrokerCore:
                 Dest.FRONTEND, identity, "bad-inform", "workers INFORM on the backend", msg.msgid
             )
             return
-        self.schedulers[identity] = Scheduler(identity, now)
+        corral = msg.meta is not None
+        self.schedulers[identity] = Scheduler(identity, now, corral=corral)
         self.outbox.append((Dest.FRONTEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
         self.outbox.append((Dest.FRONTEND, identity, _heartbeat(repr(now).encode())))
-        log.info("scheduler %s joined", peer_name(identity))
-        pending, self._pending_schedules = self._pending_schedules, []
-        for frames in pending:
-            self._route_schedule(frames)
+        log.info("%s scheduler %s joined", "corral" if corral else "EventMQ", peer_name(identity))
+        self.desk.joined(identity, corral=corral)
 
-    def _on_schedule(self, identity: bytes, msg: Schedule, frames: Sequence[bytes]) -> None:
+    def _drop_scheduler(self, identity: bytes) -> None:
+        if self.schedulers.pop(identity, None) is not None:
+            self.desk.left(identity)
+
+    def _to_scheduler(self, identity: bytes, frames: list[bytes]) -> None:
+        self.outbox.append((Dest.FRONTEND, identity, frames))
+
+    def _wall_ms(self, now: float) -> int:
+        return round((now + self.wall_offset) * 1000)
+
+    def _on_schedule(
+        self, identity: bytes, msg: Schedule, frames: Sequence[bytes], now: float
+    ) -> None:
+        wall = self._wall_ms(now)
+        try:
+            if isinstance(msg, Unschedule):
+                self.desk.undefine(schedule_id(msg.body), wall, forward=list(frames))
+            else:
+                self.desk.define(msg, wall)
+        except ProtocolError as exc:
+            self._bad_input(Dest.FRONTEND, identity, exc, frames)
+            return
+        # Acknowledged once stored, like a job.
         self.acks.append(
             (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
         )
-        self._route_schedule(list(frames))
+        self._fire_due(now)
 
-    def _route_schedule(self, frames: list[bytes]) -> None:
-        scheds = list(self.schedulers.values())
-        if not scheds:
-            self._pending_schedules.append(frames)
-            return
-        if frames[2] == b"UNSCHEDULE":
-            targets = scheds
+    def _on_schedule_query(self, identity: bytes, msg: Query, now: float) -> None:
+        outcome, held = self.desk.answer(msg.op, msg.params, self._wall_ms(now))
+        reply = (
+            Dest.FRONTEND,
+            identity,
+            [b"", PROTOCOL, _REPLY, new_msgid().encode(), outcome, msg.msgid.encode()],
+        )
+        if held:
+            self.acks.append(reply)
+            self.held_results = True
         else:
-            self._rr_scheduler = (self._rr_scheduler + 1) % len(scheds)
-            targets = [scheds[self._rr_scheduler]]
-        for sched in targets:
-            self.outbox.append((Dest.FRONTEND, sched.identity, frames))
+            self.outbox.append(reply)
+        self._fire_due(now)
+
+    def _on_tick(self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float) -> None:
+        """A scheduler sent a tick: the desk decides whether it counts."""
+        answer = self.desk.claim(identity, msg, self._wall_ms(now))
+        if isinstance(answer, Refusal):
+            # Routine with two schedulers racing: the loser is told, not logged.
+            log.debug("tick %s from %s refused: %s", msg.msgid, peer_name(identity), answer.detail)
+            self._refuse(
+                Dest.FRONTEND, identity, answer.reason, answer.detail, msg.msgid, log_it=False
+            )
+            return
+        self._start_tick(answer, now, identity)
+        self.acks.append(
+            (Dest.FRONTEND, identity, [b"", PROTOCOL, _REPLY, new_msgid().encode(), frames[3]])
+        )
+
+    def _fire_due(self, now: float) -> None:
+        for claim in self.desk.due(self._wall_ms(now)):
+            self._start_tick(claim, now, b"")
+
+    def _start_tick(self, claim: Claim, now: float, submitter: bytes) -> None:
+        s, tick = claim
+        job_id = tick_id(s.id, tick)
+        if job_id in self.jobs or job_id in self._recent:
+            return
+        headers = s.job_headers()
+        frames = [s.queue.encode(), headers.encode().encode(), s.body]
+        self._queue(s.queue)  # it is counted (and may be cancelled) before it is queued
+        job = Job(job_id, s.queue, headers, frames, submitter, now)
+        job.submitted_at = now + self.wall_offset
+        job.label = headers.get("label")
+        self.jobs[job_id] = job
+        self.dirty[job_id] = job
+        self.stats.accepted += 1
+        self._ticks_unsaved.append(job)
 
     # ------------------------------------------------------------ admin views
 
@@ -735,6 +956,7 @@ class BrokerCore:
             "jobs_completed": self.stats.completed,
             "workers": len(self.workers),
             "schedulers": len(self.schedulers),
+            **self.desk.status(),
             "workers_lost": self.stats.workers_lost,
             "jobs_requeued": self.stats.requeued,
             "jobs_retried": self.stats.retried,
@@ -870,7 +1092,20 @@ class BrokerCore:
         meta = {"next_worker_id": self.next_worker_id} if workers else {}
         self.dirty = {}
         self.dirty_workers = {}
+        self._ticks_saving.extend(self._ticks_unsaved)
+        self._ticks_unsaved = []
         return jobs, workers, meta
+
+    def take_schedule_changes(self) -> list[ScheduleRecord]:
+        """Schedules changed since the last call, for the same transaction as the jobs."""
+        return self.desk.take_changes()
+
+    def committed(self, now: float) -> None:
+        """The store has everything taken so far: ticks' jobs may run now."""
+        ticks, self._ticks_saving = self._ticks_saving, []
+        for job in ticks:
+            if self.jobs.get(job.id) is job and job.state is JobState.QUEUED:
+                self._enqueue(job, now)
 
     def restore(self, snapshot: Snapshot, now: float) -> None:
         """Take back a store's state at start: worker ids, queues, retries, running jobs.
@@ -879,6 +1114,7 @@ class BrokerCore:
         within ``restore_grace`` seconds; it keeps those it still runs.
         """
         self.next_worker_id = max(self.next_worker_id, snapshot.next_worker_id)
+        self.desk.restore(snapshot.schedules, self._wall_ms(now))
         for w in snapshot.workers:
             self.worker_ids[w.uuid] = w.id
             self.next_worker_id = max(self.next_worker_id, w.id + 1)
@@ -888,6 +1124,7 @@ class BrokerCore:
         if grace is None:
             grace = self.config.heartbeat_interval * self.config.heartbeat_liveness
         counts: Counter[str] = Counter()
+        blocked: list[Job] = []
         for rec in snapshot.jobs:
             job = job_from_record(rec, now, self.wall_offset)
             self.jobs[job.id] = job
@@ -900,8 +1137,12 @@ class BrokerCore:
                 job.not_before = now
                 self._retry_seq += 1
                 heapq.heappush(self._retry_heap, (now, self._retry_seq, job))
+            elif job.state is JobState.QUEUED and job.headers.get_all("after"):
+                blocked.append(job)  # its dependencies are checked once all jobs are back
             else:
                 self._enqueue(job, now)
+        for job in blocked:
+            self._wait_for(job, job.headers.get_all("after"), now)
         if snapshot.jobs or snapshot.workers:
             log.info(
                 "restored %d unfinished job(s)%s and %d worker id(s); "
@@ -923,12 +1164,20 @@ class BrokerCore:
         job.error_type = None
         self._recent.pop(job.id, None)
         self.jobs[job.id] = job
-        self._enqueue(job, now)
+        after = job.headers.get_all("after")
+        if after:
+            self._wait_for(job, after, now)  # retry what it waits for first
+        else:
+            self._enqueue(job, now)
         return True
 
 
 #: Errors that no retry can mend.
-_FINAL_ERRORS = frozenset({"NotAllowed", "NotFound", "BadRequest", "JobCancelled"})
+_FINAL_ERRORS = frozenset(
+    {"NotAllowed", "NotFound", "BadRequest", "JobCancelled", "DependencyFailed"}
+)
+#: Most jobs one job may wait for (``after:ID`` headers).
+MAX_DEPENDENCIES = 1000
 
 
 def job_record(job: Job, wall_offset: float = 0.0) -> JobRecord:

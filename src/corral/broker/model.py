@@ -52,6 +52,9 @@ class Job:
     label: str | None = None
     result: bytes | None = None
     error_type: str | None = None
+    #: Ids of the jobs it waits for (``after:ID`` headers) that have not succeeded
+    #: yet; ``None`` once it may run.
+    waiting_on: set[str] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -79,6 +82,8 @@ class Worker:
 class Scheduler:
     identity: bytes
     last_seen: float
+    #: A corral scheduler process (it names its ticks); else an EventMQ scheduler.
+    corral: bool = False
 
     @property
     def name(self) -> str:

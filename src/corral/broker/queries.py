@@ -1,4 +1,4 @@
-"""Answers to clients' QUERY messages: job records, job lists, retries, the worker map.
+"""Answers to clients' QUERY messages: job records and lists, retry, cancel, purge, workers.
 
 Jobs in flight are answered from the core (newest state); finished ones from
 the store, read in a thread so a slow query never stalls the event loop.
@@ -7,13 +7,16 @@ the store, read in a thread so a slow query never stalls the event loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
 
 from corral.broker.core import BrokerCore, Dest, job_record
+from corral.broker.model import JobState
 from corral.protocol import PROTOCOL, Query, encode_outcome_error, new_msgid
 from corral.store.base import JobQuery, JobRecord, Store
 from corral.store.query import FINISHED_STATES, matches
@@ -22,6 +25,9 @@ log = logging.getLogger("corral.broker")
 
 _outcome = msgspec.json.Decoder()
 MAX_LIMIT = 10_000
+_STATES = frozenset(state.value for state in JobState)
+#: The identity of the client whose QUERY the current task answers.
+_caller: ContextVar[bytes] = ContextVar("caller", default=b"")
 
 
 class QueryError(Exception):
@@ -47,6 +53,9 @@ def job_view(rec: JobRecord, *, with_result: bool = True) -> dict[str, Any]:
         "headers": rec.headers,
         "error": None,
     }
+    after = [t[6:] for t in rec.headers.split(",") if t.startswith("after:")]
+    if after:
+        view["after"] = after
     if rec.result is not None:
         try:
             outcome = _outcome.decode(rec.result)
@@ -71,11 +80,14 @@ class QueryHandler:
         now: Callable[[], float],
         unstored: Callable[[], dict[str, JobRecord]] = dict,
         notify: str | None = None,
+        purge: Callable[[float], Awaitable[int]] | None = None,
     ) -> None:
         self.core = core
         self.unstored = unstored
         #: The notification PUB endpoint, for clients that watch workers.
         self.notify = notify
+        #: Deletes records of jobs that ended more than N seconds ago (in the writer thread).
+        self.purge = purge
         self.store = store
         self.run_in_thread = run_in_thread
         self.send = send
@@ -90,13 +102,17 @@ class QueryHandler:
 
     async def _run(self, op: Callable[..., Any], identity: bytes, query: Query) -> None:
         try:
-            value = await op(**query.params)
-        except QueryError as exc:
-            self._answer_error(identity, query, exc.type, str(exc))
+            inspect.signature(op).bind(**query.params)
         except TypeError as exc:
             self._answer_error(
                 identity, query, "BadRequest", f"bad arguments for {query.op}: {exc}"
             )
+            return
+        _caller.set(identity)  # this task's own context: concurrent queries do not mix
+        try:
+            value = await op(**query.params)
+        except QueryError as exc:
+            self._answer_error(identity, query, exc.type, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed query must still be answered
             log.exception("query %s failed", query.op)
             self._answer_error(identity, query, "InternalError", str(exc))
@@ -145,9 +161,20 @@ class QueryHandler:
         until: float | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        states = [state] if isinstance(state, str) else list(state or [])
-        if not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
+        states = [state] if isinstance(state, str) else state or []
+        if not isinstance(states, list) or not all(s in _STATES for s in states):
+            raise QueryError("BadRequest", f"state must be one or a list of {sorted(_STATES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
             raise QueryError("BadRequest", f"limit must be 1..{MAX_LIMIT}")
+        for name, value, kind in (
+            ("queue", queue, str),
+            ("label", label, str),
+            ("worker_id", worker_id, int),
+            ("since", since, int | float),
+            ("until", until, int | float),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise QueryError("BadRequest", f"{name} has the wrong type")
         query = JobQuery(
             states=states,
             queue=queue,
@@ -174,24 +201,32 @@ class QueryHandler:
         )
         return [job_view(rec, with_result=False) for rec in records[:limit]]
 
-    async def op_outcomes(self, ids: list[str]) -> dict[str, Any]:
-        """How these jobs ended, for a client catching up after a reconnect.
+    async def op_outcomes(self, ids: list[str], listen: bool = False) -> dict[str, Any]:
+        """How these jobs ended, for a client catching up after a reconnect or attaching to a job.
 
         ``finished`` maps the ids of finished jobs to their outcome; ids of jobs
-        still queued, running or retrying are left out (their outcome will be
-        sent as usual); ``unknown`` lists ids the broker has no record of.
+        still queued, running or retrying are left out: their outcome will be
+        sent to their submitter as usual, and with ``listen`` to the caller too.
+        ``unknown`` lists ids the broker has no record of.
         """
         if not isinstance(ids, list) or len(ids) > MAX_LIMIT:
             raise QueryError("BadRequest", f"ids must be a list of at most {MAX_LIMIT} job ids")
-        wanted = [_job_id(i) for i in ids if i not in self.core.jobs]
+        for job_id in ids:
+            _job_id(job_id)
+        wanted = [i for i in ids if i not in self.core.jobs]
         newer = self.unstored()
         records = {rec.id: rec for rec in await self.run_in_thread(self.store.get_jobs, wanted)}
         records.update((i, newer[i]) for i in wanted if i in newer)
         finished: dict[str, Any] = {}
         unknown: list[str] = []
+        if listen:
+            # After the read: a job that arrived or came back meanwhile is listened to too.
+            caller = _caller.get()
+            for job_id in ids:
+                self.core.listen(job_id, caller)
         for job_id in wanted:
             if job_id in self.core.jobs:
-                continue  # restored or retried meanwhile: it is not over
+                continue  # submitted, restored or retried meanwhile: it is not over
             rec = records.get(job_id)
             if rec is None:
                 unknown.append(job_id)
@@ -212,6 +247,32 @@ class QueryHandler:
                 f"job {id} is {rec.state}; only dead, failed or cancelled jobs can be retried",
             )
         return {"id": rec.id, "state": self.core.jobs[rec.id].state.value}
+
+    async def op_cancel(self, id: str) -> dict[str, Any]:  # noqa: A002
+        """Cancel a job that has not ended; say so, and in what state it is, if it has."""
+        job_id = _job_id(id)
+        was = self.core.cancel(job_id, self.now())
+        if was is not None:
+            return {"id": job_id, "state": "cancelled", "cancelled": True, "was": was}
+        rec = await self._record(job_id)
+        if rec is None:
+            raise QueryError("NotFound", f"no job {id!r} (never submitted, or purged)")
+        return {
+            "id": job_id,
+            "state": rec.state,
+            "cancelled": False,
+            "detail": f"job {job_id} has already ended ({rec.state}); nothing was changed",
+        }
+
+    async def op_purge(self, older_than: float) -> dict[str, Any]:
+        """Delete the records of jobs that ended more than ``older_than`` seconds ago."""
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
+            raise QueryError("BadRequest", "older_than is a number of seconds")
+        if not 0 <= older_than < 1e10:
+            raise QueryError("BadRequest", "older_than must be >= 0 seconds")
+        if self.purge is None:
+            raise QueryError("NotAvailable", "this broker cannot purge its store")
+        return {"purged": await self.purge(older_than)}
 
     async def op_workers(self, probe: str | None = None) -> dict[str, Any]:
         """The worker map; with ``probe``, also publish that topic in the same step.

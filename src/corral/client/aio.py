@@ -11,18 +11,21 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
+from corral.client.schedules import schedule_params
 from corral.client.streams import AsyncJobStream
 from corral.client.sync import configure_socket
-from corral.client.wire import deliver
+from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, NotAcknowledged
-from corral.protocol import Listen, new_msgid
+from corral.protocol import Listen, Query, new_msgid
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class AsyncClient:
         self._unacked: deque[tuple[float, AsyncJob]] = deque()
         self._ack_timer: asyncio.TimerHandle | None = None
         self._receiver: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._all_acked: asyncio.Event | None = None
         self._closing = False
 
@@ -84,6 +88,7 @@ class AsyncClient:
         retries: int = 0,
         guarantee: bool = False,
         label: str | None = None,
+        after: Iterable[Any] = (),
         **kwargs: Any,
     ) -> AsyncJob:
         """Send ``fn(*args, **kwargs)`` and return its :class:`AsyncJob` (await it for the value).
@@ -91,8 +96,9 @@ class AsyncClient:
         Options as in :meth:`corral.Client.submit`: ``queue`` (default: the
         task's queue, else ``"default"``), ``timeout`` (default no limit),
         ``retries`` (default 0), ``guarantee`` (default ``False``), ``label``
-        (default none). Raises :class:`TypeError`/:class:`ValueError` before
-        sending for an unusable target, arguments or option.
+        (default none), ``after`` (default none: jobs that must succeed first).
+        Raises :class:`TypeError`/:class:`ValueError` before sending for an
+        unusable target, arguments or option.
         """
         return await self.submit_with(
             fn,
@@ -103,6 +109,7 @@ class AsyncClient:
             retries=retries,
             guarantee=guarantee,
             label=label,
+            after=after,
         )
 
     async def submit_with(
@@ -117,34 +124,109 @@ class AsyncClient:
         guarantee: bool = False,
         label: str | None = None,
         headers: Sequence[str] = (),
+        after: Iterable[Any] = (),
+        reply: bool = True,
     ) -> AsyncJob:
         """Like :meth:`submit` with ``args`` (default none) and ``kwargs`` (default none) as values.
 
-        ``headers`` (default none) adds raw header tokens.
+        ``headers`` (default none) adds raw header tokens. ``reply=False``
+        (default ``True``) does not ask for the outcome: awaiting the job gives
+        ``None`` once the broker has stored it.
         """
         if self._closing:
             raise ClientClosed("the client is closed")
         queue = queue_for(fn, queue)
         hdrs = make_headers(
-            timeout=timeout, retries=retries, guarantee=guarantee, label=label, extra=headers
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+            extra=headers,
+            after=after,
+            reply=reply,
         )
         request = make_request(fn, args, kwargs, queue, hdrs)
         loop = asyncio.get_running_loop()
-        self._start(loop)
         job = AsyncJob(request.msgid, queue, loop.create_future())
-        # Registered before sending: the acknowledgement may beat our return from send.
+        job._client = self
+        job._reply = hdrs.reply_requested
+        await self._send(job, request.to_frames())
+        return job
+
+    async def _send(self, job: AsyncJob, frames: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        job._frames = frames  # until the broker answers: _resync may send them again
+        # Registered before sending: the answer may beat our return from send.
         self._pending[job.id] = job
         deadline = loop.time() + self.ack_timeout
         self._unacked.append((deadline, job))
         if self._ack_timer is None:
             self._ack_timer = loop.call_at(deadline, self._expire)
         try:
-            await self._sock.send_multipart(request.to_frames())
+            await self._sock.send_multipart(frames)
         except BaseException:
             self._pending.pop(job.id, None)
             job._future.cancel()
             raise
-        return job
+
+    # ------------------------------------------------------------ job records
+
+    async def query(self, op: str, *, timeout: float | None = 30.0, **params: Any) -> Any:
+        """Ask the broker (a QUERY ``op``) and return its answer; as :meth:`Client.query`."""
+        if self._closing:
+            raise ClientClosed("the client is closed")
+        msg = Query(new_msgid(), op, params)
+        job = AsyncJob(msg.msgid, "", asyncio.get_running_loop().create_future())
+        await self._send(job, msg.to_frames())
+        return await asyncio.wait_for(job, timeout)
+
+    async def job_info(self, job_id: str) -> dict[str, Any]:
+        """A job's record: state, queue, attempts, worker, timestamps, result or error."""
+        return await self.query("job", id=job_id)
+
+    async def jobs(self, **filters: Any) -> list[dict[str, Any]]:
+        """Job records, newest first; the filters of :meth:`Client.jobs`."""
+        if isinstance(filters.get("state"), tuple | set):
+            filters["state"] = list(filters["state"])
+        return await self.query("jobs", **{k: v for k, v in filters.items() if v is not None})
+
+    async def retry(self, job_id: str) -> dict[str, Any]:
+        """Put a dead, failed or cancelled job back in its queue (attempts start over)."""
+        return await self.query("retry", id=job_id)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job; as :meth:`Client.cancel`."""
+        return await self.query("cancel", id=job_id)
+
+    async def purge(self, older_than: float) -> int:
+        """Delete the records of jobs that ended more than ``older_than`` seconds ago."""
+        return int((await self.query("purge", older_than=older_than))["purged"])
+
+    async def workers(self) -> dict[str, Any]:
+        """Connected workers by integer id, and every uuid ever registered with its id."""
+        return await self.query("workers")
+
+    async def job(self, job_id: str) -> AsyncJob:
+        """A handle to any job by id; ``await`` it for the outcome (see :meth:`Client.job`)."""
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"a job id is a non-empty string, not {job_id!r}")
+        own = self._pending.get(job_id)
+        if own is not None and own._is_job:
+            return own
+        handle = AsyncJob(job_id, "", asyncio.get_running_loop().create_future())
+        handle._is_job = True
+        handle._acked = True
+        handle._client = self
+        self._pending[job_id] = handle
+        try:
+            answer = await self.query("outcomes", ids=[job_id], listen=True)
+        except BaseException as exc:
+            self._pending.pop(job_id, None)
+            _settle_error(handle, exc)
+            raise
+        apply_outcomes(self._pending, answer)
+        return handle
 
     def map(
         self,
@@ -230,6 +312,52 @@ class AsyncClient:
         finally:
             self._pending.pop(job.id, None)
 
+    # ------------------------------------------------------------ schedules
+
+    async def schedule(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        every: timedelta | float | None = None,
+        cron: str | None = None,
+        queue: str | None = None,
+        run_count: int | None = None,
+        nohaste: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Schedule ``fn(*args, **kwargs)``; the schedule's id once stored.
+
+        Arguments and defaults as in :meth:`corral.Client.schedule`.
+        """
+        params = schedule_params(
+            fn,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            queue=queue,
+            run_count=run_count,
+            nohaste=nohaste,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
+        return (await self.query("schedule", **params))["id"]
+
+    async def unschedule(self, schedule_id: str) -> dict[str, Any]:
+        """Stop a schedule for good; returns its last record. Raises NotFound if unknown."""
+        return await self.query("unschedule", id=schedule_id)
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every active schedule (see :meth:`corral.Client.schedules`)."""
+        return await self.query("schedules")
+
     # ------------------------------------------------------------ lifecycle
 
     async def close(self, timeout: float | None = None) -> None:
@@ -247,12 +375,13 @@ class AsyncClient:
                 await asyncio.wait_for(self._all_acked.wait(), wait)
             except TimeoutError:
                 pass
-        if self._receiver is not None:
-            self._receiver.cancel()
-            try:
-                await self._receiver
-            except asyncio.CancelledError:
-                pass
+        for task in (self._receiver, self._watcher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -283,6 +412,58 @@ class AsyncClient:
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._receiver is None:
             self._receiver = loop.create_task(self._receive(), name="corral-async-client")
+            self._watcher = loop.create_task(
+                self._watch_connection(), name="corral-async-client-connection"
+            )
+
+    async def _watch_connection(self) -> None:
+        """Catch up after a reconnect, as the sync client does (see ``_IOLoop._resync``)."""
+        monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        disconnected = False
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    disconnected = True
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and disconnected:
+                    disconnected = False
+                    await self._resync()
+        finally:
+            self._sock.disable_monitor()
+            monitor.close(0)
+
+    async def _resync(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.ack_timeout
+        resent = 0
+        unacked = sorted(self._unacked, key=lambda item: item[0])
+        self._unacked.clear()
+        for old_deadline, job in unacked:
+            if job._frames is not None and not job._acked and not job.done():
+                job._resent = True
+                self._unacked.append((deadline, job))
+                await self._sock.send_multipart(job._frames)
+                resent += 1
+            else:
+                self._unacked.append((old_deadline, job))
+        waiting = [jid for jid, job in self._pending.items() if job._is_job and job._acked]
+        for query in resync_queries(waiting):
+            answer = AsyncJob(query.msgid, "", asyncio.get_running_loop().create_future())
+            answer.future.add_done_callback(self._on_outcomes)
+            await self._send(answer, query.to_frames())
+        log.info(
+            "reconnected to %s: sent %d unanswered message(s) again, asked about %d job(s)",
+            self.address,
+            resent,
+            len(waiting),
+        )
+
+    def _on_outcomes(self, answer: asyncio.Future[Any]) -> None:
+        if answer.cancelled() or answer.exception() is not None:
+            log.warning("could not catch up after a reconnect: %s", answer)
+            return
+        apply_outcomes(self._pending, answer.result())
 
     async def _receive(self) -> None:
         sock = self._sock

@@ -30,6 +30,8 @@ class Job(Future[Any]):
         #: The queue it was submitted to.
         self.queue = queue
         self._acked = False
+        # Whether the outcome was asked for; without it the acknowledgement ends the job.
+        self._reply = True
         # Owned by the client's I/O thread from here on.
         self._frames: list[bytes] | None = None
         self._deadline = 0.0
@@ -41,6 +43,22 @@ class Job(Future[Any]):
         self._resent = False
         #: A job the broker runs (not a QUERY): caught up on after a reconnect.
         self._is_job = bool(queue)
+        #: The client that made it (for info() and state); set by the client.
+        self._client: Any = None
+        #: For a QUERY that attaches to a job: that job's handle, put in the
+        #: client's table of pending jobs when the QUERY is sent.
+        self._attach: Job | None = None
+
+    @property
+    def state(self) -> str:
+        """The job's state now, asked of the broker (``queued``, ``running``, ...)."""
+        return str(self.info()["state"])
+
+    def info(self) -> dict[str, Any]:
+        """The job's record from the broker: queue, state, attempts, worker, times, error."""
+        if self._client is None:
+            raise RuntimeError("this job is not bound to a client")
+        return self._client.job_info(self.id)
 
     @property
     def acknowledged(self) -> bool:
@@ -97,7 +115,10 @@ class AsyncJob:
     waitable again; ``cancel()`` only stops waiting locally, the job still runs.
     """
 
-    __slots__ = ("id", "queue", "_future", "_acked", "_ack_event", "_resent")
+    __slots__ = (
+        "id", "queue", "_future", "_acked", "_ack_event", "_resent", "_frames", "_client",
+        "_is_job", "_reply",
+    )  # fmt: skip
 
     def __init__(self, job_id: str, queue: str, future: asyncio.Future[Any]) -> None:
         #: The job's id (the REQUEST's MSGID).
@@ -108,6 +129,11 @@ class AsyncJob:
         self._acked = False
         self._ack_event: asyncio.Event | None = None
         self._resent = False
+        #: The REQUEST, kept until acknowledged (to send again after a reconnect).
+        self._frames: list[bytes] | None = None
+        self._client: Any = None
+        self._is_job = bool(queue)
+        self._reply = True
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.shield(self._future).__await__()
@@ -136,12 +162,24 @@ class AsyncJob:
 
     def _mark_acknowledged(self) -> None:
         self._acked = True
+        self._frames = None
         if self._ack_event is not None:
             self._ack_event.set()
+
+    async def info(self) -> dict[str, Any]:
+        """The job's record from the broker: queue, state, attempts, worker, times, error."""
+        if self._client is None:
+            raise RuntimeError("this job is not bound to a client")
+        return await self._client.job_info(self.id)
+
+    async def state(self) -> str:
+        """The job's state now, asked of the broker (``queued``, ``running``, ...)."""
+        return str((await self.info())["state"])
 
     def _settle(self, kind: str, payload: Any) -> None:
         """Record the broker's answer: ``"value"``, ``"failed"`` or ``"refused"``."""
         self._acked = kind != "refused"
+        self._frames = None
         if self._future.done():
             return
         if kind == "value":

@@ -37,14 +37,19 @@ def make_headers(
     guarantee: bool = False,
     label: str | None = None,
     extra: Sequence[str] = (),
+    after: Iterable[Any] = (),
+    reply: bool = True,
 ) -> Headers:
-    """Headers for a REQUEST whose outcome comes back to the submitter.
+    """Headers for a REQUEST; its outcome comes back to the submitter unless ``reply`` is off.
 
     ``timeout`` seconds (default ``None``: no limit) becomes ``timeout:N``;
     ``retries`` (default 0) becomes ``retry-count:N``; ``guarantee`` (default
     off) the ``guarantee`` flag; ``label`` (default none) a ``label:...`` token;
-    ``extra`` (default none) are further raw tokens passed through unchanged.
-    Raises :class:`ValueError` for values the broker would refuse.
+    ``extra`` (default none) are further raw tokens passed through unchanged;
+    ``after`` (default none) are jobs (or their ids) that must succeed first,
+    each an ``after:ID`` token; ``reply`` (default on) asks for the outcome
+    (``reply-requested``). Raises :class:`ValueError` for values the broker
+    would refuse.
     """
     if timeout is not None:
         timeout = float(timeout)
@@ -55,9 +60,13 @@ def make_headers(
     tokens: list[str] = []
     if label is not None:
         tokens.append(f"label:{_token(label, 'label')}")
+    if isinstance(after, str) or hasattr(after, "id"):
+        after = [after]  # one job on its own
+    for dep in after:
+        tokens.append(f"after:{_token(getattr(dep, 'id', dep), 'a job id in after')}")
     tokens.extend(_token(t, "header") for t in extra)
     return Headers(
-        reply_requested=True,
+        reply_requested=bool(reply),
         guarantee=bool(guarantee),
         retry_count=retries,
         timeout=timeout or 0.0,

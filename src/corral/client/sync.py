@@ -18,6 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import InvalidStateError
+from datetime import timedelta
 from time import monotonic
 from typing import Any
 
@@ -27,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
+from corral.client.schedules import schedule_params
 from corral.client.streams import JobStream
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, JobFailed, NotAcknowledged
@@ -117,6 +119,7 @@ class Client:
             raise
         # The socket is created here, so a bad address raises in the caller; thread
         # start is the memory barrier that hands it over to the I/O thread.
+        self._io: _IOLoop | None = None
         self._thread = threading.Thread(
             target=self._run, daemon=True, name=f"corral-client-{self.identity[:8]}"
         )
@@ -135,6 +138,7 @@ class Client:
         retries: int = 0,
         guarantee: bool = False,
         label: str | None = None,
+        after: Iterable[Any] = (),
         **kwargs: Any,
     ) -> Job:
         """Submit ``fn(*args, **kwargs)`` and return its :class:`Job` at once.
@@ -144,8 +148,11 @@ class Client:
         (default: the task's own queue, else ``"default"``); ``timeout``
         seconds the job may run (default ``None``: no limit); ``retries`` runs
         after a failure (default 0); ``guarantee`` (default ``False``): finish
-        even if its worker dies; ``label`` (default none): a free-form tag.
-        Keyword arguments with those names go to the options, not to ``fn``:
+        even if its worker dies; ``label`` (default none): a free-form tag;
+        ``after`` (default none): jobs (or ids) that must succeed before this
+        one runs -- if one fails or is cancelled, this one fails at once with
+        ``DependencyFailed``. Keyword arguments with those names go to the
+        options, not to ``fn``:
         use :meth:`submit_with` when ``fn`` takes such a keyword.
 
         Raises :class:`TypeError` (target not importable, arguments not
@@ -160,6 +167,7 @@ class Client:
             retries=retries,
             guarantee=guarantee,
             label=label,
+            after=after,
         )
 
     def submit_with(
@@ -174,20 +182,33 @@ class Client:
         guarantee: bool = False,
         label: str | None = None,
         headers: Sequence[str] = (),
+        after: Iterable[Any] = (),
+        reply: bool = True,
     ) -> Job:
         """Like :meth:`submit` with the call's ``args`` and ``kwargs`` passed as values.
 
         ``args`` defaults to none and ``kwargs`` to none; no keyword collides
         with the options. ``headers`` (default none) adds raw header tokens.
+        ``reply=False`` (default ``True``) sends the job without asking for its
+        outcome: the job is done, with ``None`` as its result, as soon as the
+        broker has stored it; :meth:`job_info` reads the outcome later.
         """
         self._check_usable()
         queue = queue_for(fn, queue)
         hdrs = make_headers(
-            timeout=timeout, retries=retries, guarantee=guarantee, label=label, extra=headers
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+            extra=headers,
+            after=after,
+            reply=reply,
         )
         request = make_request(fn, args, kwargs, queue, hdrs)
         job = Job(request.msgid, queue)
+        job._reply = hdrs.reply_requested
         job._frames = request.to_frames()
+        job._client = self
         self._enqueue(job)
         return job
 
@@ -210,6 +231,46 @@ class Client:
     def job_info(self, job_id: str) -> dict[str, Any]:
         """A job's record: state, queue, attempts, worker, timestamps, result or error."""
         return self.query("job", id=job_id)
+
+    def job(self, job_id: str) -> Job:
+        """A handle to any job by id (submitted by any client, also before a broker restart).
+
+        ``result(timeout)`` waits for its outcome (the broker sends it here too),
+        ``state`` and ``info()`` ask for its record. A job this client submitted
+        and still waits for is returned as it is.
+        """
+        self._check_usable()
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"a job id is a non-empty string, not {job_id!r}")
+        io = self._io
+        own = io.pending.get(job_id) if io is not None else None
+        if own is not None and own._is_job:
+            return own
+        handle = Job(job_id, "")
+        handle._is_job = True
+        handle._acked = True
+        handle._client = self
+        handle.set_running_or_notify_cancel()
+        query = Query(new_msgid(), "outcomes", {"ids": [job_id], "listen": True})
+        attach = Job(query.msgid, "")
+        attach._frames = query.to_frames()
+        attach._attach = handle
+        attach.add_done_callback(_attached)
+        self._enqueue(attach)
+        return handle
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job: a queued one never runs, a running one's process is killed.
+
+        Returns ``{"id", "state", "cancelled": True, "was": ...}``, or for a job
+        that has already ended ``{"id", "state", "cancelled": False, "detail"}``
+        (nothing is changed). Raises ``JobFailed`` (``NotFound``) for an unknown id.
+        """
+        return self.query("cancel", id=job_id)
+
+    def purge(self, older_than: float) -> int:
+        """Delete the records of jobs that ended more than ``older_than`` seconds ago."""
+        return int(self.query("purge", older_than=older_than)["purged"])
 
     def jobs(
         self,
@@ -300,6 +361,62 @@ class Client:
             events.close()
             raise
         return events
+
+    # ------------------------------------------------------------ schedules
+
+    def schedule(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        every: timedelta | float | None = None,
+        cron: str | None = None,
+        queue: str | None = None,
+        run_count: int | None = None,
+        nohaste: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Run ``fn(*args, **kwargs)`` every ``every`` seconds (or ``timedelta``), or at ``cron``.
+
+        Returns the schedule's id once the broker has stored it. Give exactly
+        one of ``every`` and ``cron`` (5 fields, in the broker's time zone). It
+        runs at once and then on each tick unless ``nohaste=True`` (default
+        ``False``); ``run_count`` (default ``None``: forever) stops it after
+        that many runs. ``queue`` (default: the task's queue, else
+        ``"default"``), ``timeout``, ``retries``, ``guarantee`` and ``label``
+        are as in :meth:`submit`, for every job it runs. Scheduling the same
+        call again with the same options changes nothing; with other options
+        it replaces the schedule (the id is that of the call: target and
+        arguments). Raises ``TypeError``/``ValueError`` before sending and
+        :class:`~corral.errors.BadRequest` for what the broker refuses.
+        """
+        params = schedule_params(
+            fn,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            queue=queue,
+            run_count=run_count,
+            nohaste=nohaste,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+        )
+        return self.query("schedule", **params)["id"]
+
+    def unschedule(self, schedule_id: str) -> dict[str, Any]:
+        """Stop a schedule for good; returns its last record. Raises NotFound if unknown."""
+        return self.query("unschedule", id=schedule_id)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every active schedule: target, cadence, runs, last and next run, who runs it."""
+        return self.query("schedules")
 
     def map(
         self,
@@ -434,7 +551,7 @@ class Client:
     # ------------------------------------------------------------ I/O thread
 
     def _run(self) -> None:
-        io = _IOLoop(self)
+        io = self._io = _IOLoop(self)
         try:
             io.run()
         except Exception:
@@ -551,9 +668,11 @@ class _IOLoop:
                 self.blocked = True
                 return
             outbox.popleft()
-            if not job._is_job:
-                job._frames = None  # a job keeps them until acknowledged (see _resync)
+            # job._frames stay until the broker answers: _resync may send them again.
             pending[job.id] = job
+            attach = job._attach
+            if attach is not None and attach.id not in pending:
+                pending[attach.id] = attach
             unacked.append(job)
         self.blocked = False
 
@@ -584,16 +703,19 @@ class _IOLoop:
     def _resync(self) -> None:
         """Catch up after a reconnect: the broker may have restarted while we were away.
 
-        Jobs not yet acknowledged may have died with the old connection, so
-        they are sent again (the same id: a broker that had one refuses it as a
-        duplicate, which counts as acknowledged). Outcomes produced while we
-        were away could not reach us, so the broker is asked how the other
-        jobs ended. Both go out on the new connection, ahead of anything else.
+        What the broker has not answered yet -- jobs not acknowledged, queries --
+        may have died with the old connection, so it is sent again (a job keeps
+        its id: a broker that already had it refuses it as a duplicate, which
+        counts as acknowledged) with a fresh deadline. Outcomes produced while we
+        were away could not reach us, so the broker is asked how the other jobs
+        ended. All of it goes out on the new connection ahead of anything else.
         """
+        deadline = monotonic() + self.client.ack_timeout
         resent = 0
         for job in self.unacked:
             if job._frames is not None and not job._acked and not job.done():
                 job._resent = True
+                job._deadline = deadline
                 self._send_now(job._frames)
                 resent += 1
         waiting = [jid for jid, job in self.pending.items() if job._is_job and job._acked]
@@ -604,7 +726,7 @@ class _IOLoop:
             self.pending[query.msgid] = answer
             self._send_now(query.to_frames())
         log.info(
-            "reconnected to %s: sent %d unacknowledged job(s) again, asked about %d",
+            "reconnected to %s: sent %d unanswered message(s) again, asked about %d job(s)",
             self.client.address,
             resent,
             len(waiting),
@@ -652,6 +774,22 @@ class _IOLoop:
         while unacked and (unacked[0]._acked or unacked[0].done()):
             unacked.popleft()
         return not unacked
+
+
+def _attached(query: Job) -> None:
+    """The broker's answer to a ``job(id)`` handle's QUERY (on the I/O thread)."""
+    handle = query._attach
+    assert handle is not None and handle._client is not None
+    io = handle._client._io
+    if query.cancelled():
+        return
+    exc = query.exception()
+    if exc is not None:
+        if io is not None:
+            io.pending.pop(handle.id, None)
+        _settle_error(handle, exc)
+    elif io is not None:
+        apply_outcomes(io.pending, query.result())
 
 
 def _settle_error(job: Job, exc: BaseException) -> None:

@@ -47,8 +47,10 @@ def read_answer(frames: list[bytes]) -> tuple[str, Kind, Any] | None:
 def deliver(pending: dict[str, Any], frames: list[bytes]) -> bool:
     """Hand a broker message to the job it is about (a ``Job`` or ``AsyncJob``).
 
-    An acknowledgement leaves the job in ``pending``; an outcome or a refusal
-    settles it and takes it out. Returns whether a job was told anything.
+    An acknowledgement leaves the job in ``pending``, unless the job did not
+    ask for its outcome: then nothing more will come, and the acknowledgement
+    settles it with ``None``. An outcome or a refusal settles the job and
+    takes it out. Returns whether a job was told anything.
     """
     answer = read_answer(frames)
     if answer is None:
@@ -63,10 +65,13 @@ def deliver(pending: dict[str, Any], frames: list[bytes]) -> bool:
     if job is None:
         unknown(job_id, kind, payload)
         return False
-    if kind == "ack":
+    if kind != "ack":
+        job._settle(kind, payload)
+    elif job._reply:
         job._mark_acknowledged()
     else:
-        job._settle(kind, payload)
+        del pending[job_id]
+        job._settle("value", None)
     return True
 
 
@@ -89,8 +94,10 @@ def resync_queries(job_ids: list[str]) -> list[Query]:
     restarted meanwhile): an outcome the broker produced while the client was
     away could not be routed to it.
     """
+    # ``listen``: jobs this client did not submit (``client.job(id)``) are sent here
+    # when they end; a restarted broker has forgotten who listened.
     return [
-        Query(new_msgid(), "outcomes", {"ids": job_ids[i : i + RESYNC_BATCH]})
+        Query(new_msgid(), "outcomes", {"ids": job_ids[i : i + RESYNC_BATCH], "listen": True})
         for i in range(0, len(job_ids), RESYNC_BATCH)
     ]
 

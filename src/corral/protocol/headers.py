@@ -38,6 +38,15 @@ class Headers:
                 return value if sep else ""
         return None
 
+    def get_all(self, name: str) -> list[str]:
+        """Values of every ``name:value`` token, in order (e.g. the ids of ``after:ID``)."""
+        values = []
+        for token in self.extra:
+            key, sep, value = token.partition(":")
+            if key == name and sep:
+                values.append(value)
+        return values
+
     def encode(self) -> str:
         tokens: list[str] = []
         if self.reply_requested:

@@ -71,7 +71,7 @@ def encode_body(params: RunParams) -> bytes:
 def decode_body(raw: bytes) -> RunParams:
     try:
         cmd, params = _body_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-body", f"body is not a valid run body: {exc}") from None
     if cmd != "run":
         raise ProtocolError("bad-body", f"unknown body subcommand {cmd!r}")
@@ -81,7 +81,7 @@ def decode_body(raw: bytes) -> RunParams:
 def decode_outcome(raw: bytes) -> Outcome:
     try:
         outcome = _outcome_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-result", f"result is not a valid outcome: {exc}") from None
     return outcome
 
@@ -203,23 +203,32 @@ class Kbye(Message):
 
 
 class Schedule(Message):
-    """SCHEDULE: ``interval`` seconds, or ``-1`` with a 5-field ``cron``."""
+    """SCHEDULE: ``interval`` seconds, or ``-1`` with a 5-field ``cron``.
+
+    ``meta`` is corral's optional sixth frame (a JSON object) with which a
+    broker tells corral's scheduler processes a schedule's state (its anchor,
+    last tick and time zone); EventMQ peers never send it.
+    """
 
     queue: str = ""
     headers: Headers = EMPTY
     interval: int = -1
     body: bytes = b""
     cron: str = ""
+    meta: dict[str, Any] | None = None
     command = Command.SCHEDULE
 
     def args(self) -> list[bytes]:
-        return [
+        frames = [
             self.queue.encode(),
             self.headers.encode().encode(),
             str(self.interval).encode(),
             self.body,
             self.cron.encode(),
         ]
+        if self.meta is not None:
+            frames.append(_json_encode(self.meta))
+        return frames
 
     def params(self) -> RunParams:
         return decode_body(self.body)
@@ -340,7 +349,7 @@ def _arity(cmd: Command, rest: Sequence[bytes], low: int, high: int, msgid: str)
 def _json(frame: bytes, decoder: msgspec.json.Decoder, what: str, msgid: str) -> Any:
     try:
         return decoder.decode(frame)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("bad-json", f"{what}: {exc}", msgid) from None
 
 
@@ -479,7 +488,7 @@ def _p_heartbeat(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
 
 
 def _p_schedule(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
-    _arity(cmd, rest, 5, 5, msgid)
+    _arity(cmd, rest, 5, 6, msgid)
     queue = _queue_name(rest[0], msgid)
     headers = _headers(rest[1], msgid)
     try:
@@ -498,7 +507,8 @@ def _p_schedule(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
         if cron and len(cron.split()) != 5:
             raise ProtocolError("bad-schedule", "cron needs 5 fields", msgid)
     decode_body_checked(rest[3], msgid)
-    return cls(msgid, queue, headers, interval, rest[3], cron)
+    meta = _json(rest[5], _object_json, "SCHEDULE meta", msgid) if len(rest) > 5 else None
+    return cls(msgid, queue, headers, interval, rest[3], cron, meta)
 
 
 def _p_publish(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:

@@ -3,6 +3,7 @@
 from corral.store.base import (
     JobQuery,
     JobRecord,
+    ScheduleRecord,
     Snapshot,
     Store,
     StoreError,
@@ -10,4 +11,13 @@ from corral.store.base import (
     open_store,
 )
 
-__all__ = ["JobQuery", "JobRecord", "Snapshot", "Store", "StoreError", "WorkerRecord", "open_store"]
+__all__ = [
+    "JobQuery",
+    "JobRecord",
+    "ScheduleRecord",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "WorkerRecord",
+    "open_store",
+]

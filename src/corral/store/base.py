@@ -46,8 +46,34 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     active: bool = True
 
 
+class ScheduleRecord(msgspec.Struct, kw_only=True):
+    """A schedule and how far it has run; times in ms since the epoch unless noted."""
+
+    id: str
+    #: ``active``, ``unscheduled`` or ``finished`` (its run count is used up).
+    state: str
+    queue: str
+    headers: str
+    #: Seconds between ticks, or -1 for a cron schedule.
+    interval: int
+    cron: str
+    body: bytes
+    #: When it was scheduled or last redefined: its first tick and its interval grid.
+    anchor: int
+    #: The latest tick fired or skipped.
+    last_tick: int | None = None
+    #: The latest tick fired.
+    last_run: int | None = None
+    runs: int = 0
+    #: The EventMQ scheduler that ran it, if one did.
+    owner: str | None = None
+    #: Seconds since the epoch.
+    created: float
+    updated: float
+
+
 class Snapshot(msgspec.Struct, kw_only=True):
-    """A store's content at start: unfinished jobs, the worker map, counters."""
+    """A store's content at start: unfinished jobs, the worker map, active schedules, counters."""
 
     jobs: list[JobRecord]
     workers: list[WorkerRecord]
@@ -55,6 +81,7 @@ class Snapshot(msgspec.Struct, kw_only=True):
     #: Ids of the most recently submitted finished jobs, oldest first, so that a
     #: restarted broker still refuses a REQUEST that reuses one.
     finished_ids: list[str] = []
+    schedules: list[ScheduleRecord] = []
 
 
 class JobQuery(msgspec.Struct, kw_only=True):
@@ -85,6 +112,7 @@ class Store(Protocol):
         jobs: Sequence[JobRecord],
         workers: Sequence[WorkerRecord],
         meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord] = (),
         streams: Any = None,
     ) -> None:
         """Write these records in one transaction (upserts by id / uuid).
@@ -100,8 +128,12 @@ class Store(Protocol):
 
     def query_jobs(self, query: JobQuery) -> list[JobRecord]: ...
 
-    def purge(self, finished_before: float) -> int:
-        """Delete finished jobs completed before this time; return how many."""
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
+        """Delete up to ``limit`` finished jobs completed before this time; return how many.
+
+        Called from the writer thread only, repeatedly until it returns less
+        than ``limit``, so that commits go on between two batches.
+        """
 
     def close(self) -> None: ...
 

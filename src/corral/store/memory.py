@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from corral.store.base import JobQuery, JobRecord, Snapshot, WorkerRecord
+from corral.store.base import JobQuery, JobRecord, ScheduleRecord, Snapshot, WorkerRecord
 from corral.store.query import FINISHED_STATES, matches
 from corral.store.streams import MemoryStreams, StreamBatch, StreamRecord
 
@@ -17,6 +17,7 @@ class MemoryStore:
         self.jobs: dict[str, JobRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.meta: dict[str, Any] = {}
+        self.schedules: dict[str, ScheduleRecord] = {}
         self.streams = MemoryStreams()
 
     def open(self, recent: int = 100_000) -> Snapshot:
@@ -26,6 +27,7 @@ class MemoryStore:
             workers=list(self.workers.values()),
             next_worker_id=int(self.meta.get("next_worker_id", 1)),
             finished_ids=finished[-recent:] if recent > 0 else [],
+            schedules=[s for s in self.schedules.values() if s.state == "active"],
         )
 
     def commit(
@@ -33,6 +35,7 @@ class MemoryStore:
         jobs: Sequence[JobRecord],
         workers: Sequence[WorkerRecord],
         meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord] = (),
         streams: StreamBatch | None = None,
     ) -> None:
         for job in jobs:
@@ -40,6 +43,8 @@ class MemoryStore:
         for worker in workers:
             self.workers[worker.uuid] = worker
         self.meta.update(meta)
+        for sched in schedules:
+            self.schedules[sched.id] = sched
         if streams:
             self.streams.write(streams)
 
@@ -60,14 +65,15 @@ class MemoryStore:
         found.sort(key=lambda j: j.submitted, reverse=True)
         return found[: query.limit]
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
         old = [
             j.id
             for j in self.jobs.values()
             if j.state in FINISHED_STATES and (j.completed or j.submitted) < finished_before
-        ]
+        ][:limit]
         for job_id in old:
             del self.jobs[job_id]
+            self.streams.streams.pop(job_id, None)
         return len(old)
 
     def close(self) -> None:

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from corral.store import streams as stream_store
-from corral.store.base import JobQuery, JobRecord, Snapshot, StoreError, WorkerRecord
+from corral.store.base import (
+    JobQuery,
+    JobRecord,
+    ScheduleRecord,
+    Snapshot,
+    StoreError,
+    WorkerRecord,
+)
 from corral.store.streams import StreamBatch, StreamRecord
 
 SCHEMA_VERSION = 1
@@ -53,6 +60,22 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen REAL NOT NULL,
     active INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    interval INTEGER NOT NULL,
+    cron TEXT NOT NULL,
+    body BLOB NOT NULL,
+    anchor INTEGER NOT NULL,
+    last_tick INTEGER,
+    last_run INTEGER,
+    runs INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
 """
 
 _JOB_FIELDS = JobRecord.__struct_fields__
@@ -67,6 +90,12 @@ _WORKER_UPSERT = (
     f"VALUES ({', '.join('?' * len(_WORKER_FIELDS))}) ON CONFLICT(uuid) DO UPDATE SET "
     + ", ".join(f"{f} = excluded.{f}" for f in _WORKER_FIELDS if f != "uuid")
 )
+_SCHEDULE_FIELDS = ScheduleRecord.__struct_fields__
+_SCHEDULE_UPSERT = (
+    f"INSERT INTO schedules ({', '.join(_SCHEDULE_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_SCHEDULE_FIELDS))}) ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in _SCHEDULE_FIELDS if f != "id")
+)
 _FINISHED = ("succeeded", "failed", "cancelled", "dead")
 
 
@@ -79,7 +108,7 @@ def _job(row: Sequence[Any]) -> JobRecord:
 
 
 class SQLiteStore:
-    """Jobs, workers and counters in one SQLite database file."""
+    """Jobs, workers, schedules and counters in one SQLite database file."""
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path = path
@@ -198,6 +227,13 @@ class SQLiteStore:
                 )
             ]
             finished.reverse()
+            schedules = [
+                ScheduleRecord(**dict(zip(_SCHEDULE_FIELDS, r, strict=True)))
+                for r in conn.execute(
+                    f"SELECT {', '.join(_SCHEDULE_FIELDS)} FROM schedules "
+                    f"WHERE state = 'active' ORDER BY created"
+                )
+            ]
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self._explain(exc) from None
@@ -210,6 +246,7 @@ class SQLiteStore:
             workers=workers,
             next_worker_id=int(row[0]) if row else 1,
             finished_ids=finished,
+            schedules=schedules,
         )
 
     def commit(
@@ -217,6 +254,7 @@ class SQLiteStore:
         jobs: Sequence[JobRecord],
         workers: Sequence[WorkerRecord],
         meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord] = (),
         streams: StreamBatch | None = None,
     ) -> None:
         conn = self._write
@@ -228,6 +266,11 @@ class SQLiteStore:
             if workers:
                 conn.executemany(
                     _WORKER_UPSERT, [tuple(getattr(w, f) for f in _WORKER_FIELDS) for w in workers]
+                )
+            if schedules:
+                conn.executemany(
+                    _SCHEDULE_UPSERT,
+                    [tuple(getattr(r, f) for f in _SCHEDULE_FIELDS) for r in schedules],
                 )
             for key, value in meta.items():
                 conn.execute(
@@ -307,14 +350,22 @@ class SQLiteStore:
         args.append(query.limit)
         return [_job(r) for r in self._reader().execute(sql, args)]
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, limit: int = 5000) -> int:
         conn = self._write
         assert conn is not None
-        cur = conn.execute(
-            f"DELETE FROM jobs WHERE state IN ({', '.join('?' * len(_FINISHED))}) "
-            f"AND COALESCE(completed, submitted) < ?",
-            (*_FINISHED, finished_before),
-        )
+        # A job completes after it is submitted: "submitted <" lets the (state,
+        # submitted) index find candidates without reading every finished row.
+        try:
+            cur = conn.execute(
+                f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs "
+                f"WHERE state IN ({', '.join('?' * len(_FINISHED))}) AND submitted < ? "
+                f"AND COALESCE(completed, submitted) < ? LIMIT ?)",
+                (*_FINISHED, finished_before, finished_before, limit),
+            )
+            # The streams of those jobs go with them.
+            stream_store.purge(conn, limit)
+        except sqlite3.Error as exc:
+            raise self._explain(exc) from None
         return cur.rowcount
 
     def close(self) -> None:

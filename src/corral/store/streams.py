@@ -98,6 +98,21 @@ def write(conn: sqlite3.Connection, batch: StreamBatch) -> None:
         )
 
 
+def purge(conn: sqlite3.Connection, limit: int) -> int:
+    """Delete up to ``limit`` ended streams whose job record is gone (purged)."""
+    names = [
+        (r[0],)
+        for r in conn.execute(
+            "SELECT name FROM streams s WHERE closed IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.name) LIMIT ?",
+            (limit,),
+        )
+    ]
+    conn.executemany("DELETE FROM stream_items WHERE name = ?", names)
+    conn.executemany("DELETE FROM streams WHERE name = ?", names)
+    return len(names)
+
+
 def _record(conn: sqlite3.Connection, row: tuple[Any, ...]) -> StreamRecord:
     name, seq, header, closed, producer, pseq = row
     items = conn.execute(
