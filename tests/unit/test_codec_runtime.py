@@ -160,3 +160,19 @@ def test_outbox_drops_and_counts_for_a_broker_without_streams():
 
     box = asyncio.run(run())
     assert sent == [] and box.dropped == 2
+
+
+def test_entries_held_while_registering_are_all_sent_even_past_the_kept_window():
+    sent: list[list[bytes]] = []
+
+    async def run():
+        box = StreamOutbox(sent.append, retain=2)
+        box.registered(True, again=False)
+        box.start("j")
+        box.registering()
+        box.add("j", [b'{"kind":"log","text":"%d"}' % i for i in range(5)])
+        box.registered(True, again=True)
+
+    asyncio.run(run())
+    (batch,) = [json.loads(frames[1]) for frames in sent]
+    assert batch[0][2] == 1 and [e["text"] for e in batch[0][3]] == ["0", "1", "2", "3", "4"]

@@ -126,12 +126,14 @@ class StreamOutbox:
 
     def resend(self) -> None:
         """After registering anew: send every kept entry again (the broker drops what it has)."""
-        self.pending = {}  # the kept entries include these
-        groups = [
-            self._group(job_id, run, list(run.kept))
-            for job_id, run in [*self.finished.items(), *self.runs.items()]
-            if run.kept
-        ]
+        pending, self.pending = self.pending, {}
+        groups = []
+        for job_id, run in [*self.finished.items(), *self.runs.items()]:
+            # Entries held while registering may be more than the kept ones: send both.
+            items = dict(pending.get(job_id, ()))
+            items.update(run.kept)
+            if items:
+                groups.append(self._group(job_id, run, sorted(items.items())))
         if groups and self.enabled:
             log.info("sending the kept stream messages of %d job(s) again", len(groups))
             self._send(groups)
