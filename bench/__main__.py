@@ -3,3 +3,7 @@
 from bench.main import main
 
 main()
+
+from bench.streams import main as streams  # noqa: E402 - job streams, after the core figures
+
+streams([])

@@ -142,3 +142,51 @@ def start_sleep_end(path: str, seconds: float) -> int:
     time.sleep(seconds)
     note("end")
     return os.getpid()
+
+
+@task
+def chatter(n: int, every: int = 1, sleep: float = 0.0, fail: bool = False, pad: int = 0) -> int:
+    """Put ``n`` log lines (``pad`` spaces longer) on the job's stream, progress every
+    ``every``, then end."""
+    import time
+
+    from corral import runtime
+
+    runtime.set_header({"phase": "chatting", "of": n})
+    for i in range(n):
+        runtime.log(f"line {i}" + " " * pad)
+        if i % every == 0:
+            runtime.progress(i + 1, n, "lines")
+        if sleep:
+            time.sleep(sleep)
+    runtime.emit({"said": n})
+    if fail:
+        raise ValueError("chatter failed on purpose")
+    return n
+
+
+@task
+def chatter_until(path: str, pause: float = 0.01) -> int:
+    """Log one numbered line every ``pause`` s until ``path`` exists; return how many."""
+    import os
+    import time
+
+    from corral import runtime
+
+    i = 0
+    while not os.path.exists(path):
+        runtime.log(f"tick {i}")
+        i += 1
+        time.sleep(pause)
+    return i
+
+
+@task
+def loud(n: int) -> int:
+    """Print and log through ``logging`` (captured with --capture-output)."""
+    import logging
+
+    for i in range(n):
+        print(f"printed {i}")
+        logging.getLogger("tests.loud").warning("logged %d", i)
+    return n

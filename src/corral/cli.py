@@ -17,6 +17,7 @@ from corral.gateway.command import gateway_command, gateway_for_broker
 from corral.protocol import DEFAULT_ADMIN, DEFAULT_BACKEND, DEFAULT_FRONTEND
 
 DEFAULT_NOTIFY = "tcp://127.0.0.1:47294"
+DEFAULT_STREAMS = "tcp://127.0.0.1:47295"
 
 log = logging.getLogger("corral")
 
@@ -150,6 +151,31 @@ _BROKER_OPTIONS = [
         "'forever' keeps them).",
     ),
     click.option(
+        "--streams",
+        default=DEFAULT_STREAMS,
+        show_default=True,
+        help="TCP endpoint of the job-stream line server ('' = none).",
+    ),
+    click.option(
+        "--stream-history",
+        default=1000,
+        show_default=True,
+        help="Messages of each job stream kept (in the store too) for late listeners.",
+    ),
+    click.option(
+        "--stream-queue",
+        default=10_000,
+        show_default=True,
+        help="Messages one stream listener may fall behind before it is cut off (overflow).",
+    ),
+    click.option(
+        "--stream-token",
+        default=None,
+        envvar="CORRAL_STREAM_TOKEN",
+        help="A token that lets network clients put to any stream [default: $CORRAL_STREAM_TOKEN; "
+        "without it only a job's own token works].",
+    ),
+    click.option(
         "--restore",
         is_flag=True,
         help="Insist on taking back an earlier run's state: refuse to start on a store "
@@ -222,6 +248,25 @@ _WORKER_OPTIONS = [
         show_default=True,
         help="Seconds running jobs get to finish on SIGTERM.",
     ),
+    click.option(
+        "--capture-output",
+        is_flag=True,
+        help="Put each job's stdout/stderr lines on its stream too.",
+    ),
+    click.option(
+        "--stream-log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error", "none"]),
+        help="Lowest level of a job's logging records put on its stream.",
+    ),
+    click.option(
+        "--stream-buffer",
+        default=10_000,
+        show_default=True,
+        help="Stream messages a job's process holds while the worker is slow; "
+        "further log lines and partial results are dropped (and counted).",
+    ),
 ]
 
 _LOG_OPTION = click.option(
@@ -268,12 +313,18 @@ def _make_broker(
     builtin_scheduler: bool,
     timezone: str,
     missed_ticks: str,
+    streams: str = DEFAULT_STREAMS,
+    stream_history: int = 1000,
+    stream_queue: int = 10_000,
+    stream_token: str | None = None,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
     from corral.broker.server import AddressInUse, BrokerServer
+    from corral.broker.streams import BrokerStreams
     from corral.scheduler import SchedulerConfig
     from corral.store import StoreError, open_store
+    from corral.streams.hub import HubConfig
 
     if store_url is None:
         store_url = "sqlite:///" + os.path.join(data_dir or default_data_dir(), "broker.db")
@@ -301,6 +352,8 @@ def _make_broker(
     keep = (
         None if retention.strip().lower() == "forever" else parse_duration(retention, "--retention")
     )
+    if stream_history < 1 or stream_queue < 1:
+        raise click.BadParameter("--stream-history and --stream-queue must be >= 1")
     server = BrokerServer(
         core,
         frontend=frontend,
@@ -309,6 +362,10 @@ def _make_broker(
         notify=notify or None,
         store=store,
         retention=keep,
+        streams=BrokerStreams(
+            core, HubConfig(history=stream_history, listener_queue=stream_queue), stream_token
+        ),
+        stream_lines=streams or None,
     )
     try:
         server.open_store(require_state=restore)
@@ -332,6 +389,9 @@ def _make_worker(
     grace: float,
     heartbeat: float,
     identity: str | None = None,
+    capture_output: bool = False,
+    stream_log_level: str = "info",
+    stream_buffer: int = 10_000,
 ):
     from corral.worker.manager import WorkerConfig, WorkerManager
 
@@ -344,6 +404,9 @@ def _make_worker(
         prefetch=prefetch,
         grace=grace,
         heartbeat_interval=heartbeat,
+        capture_output=capture_output,
+        stream_log_level=None if stream_log_level == "none" else stream_log_level,
+        stream_buffer=max(1, stream_buffer),
     )
     if concurrency:
         config.concurrency = concurrency
@@ -422,6 +485,10 @@ _BROKER_KEYS = {
     "builtin_scheduler",
     "timezone",
     "missed_ticks",
+    "streams",
+    "stream_history",
+    "stream_queue",
+    "stream_token",
 }
 _WORKER_KEYS = {
     "backend",
@@ -433,6 +500,9 @@ _WORKER_KEYS = {
     "prefetch",
     "grace",
     "heartbeat",
+    "capture_output",
+    "stream_log_level",
+    "stream_buffer",
 }
 
 
@@ -689,6 +759,23 @@ def retry_cmd(job_id: str, address: str | None) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
     info = _client_call(address, "retry", job_id)
     click.echo(f"job {info['id']} is {info['state']} again")
+
+
+@main.command("tail")
+@click.argument("job_id")
+@click.option("--after", type=int, default=None, help="Start after this sequence number.")
+@_BROKER_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print each message as a JSON line.")
+def tail_cmd(job_id: str, after: int | None, address: str | None, as_json: bool) -> None:
+    """Follow JOB_ID's stream (progress bar and log lines); exit 0 if it succeeds, 1 if not."""
+    from corral.errors import CorralError
+    from corral.tail import follow
+
+    try:
+        code = follow(address or DEFAULT_FRONTEND, job_id, after, as_json)
+    except CorralError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 def _register_schedule_commands() -> None:

@@ -34,3 +34,19 @@ def echo(*args: object, **kwargs: object) -> dict[str, object]:
 @task
 def fail(message: str = "this job fails on purpose") -> None:
     raise RuntimeError(message)
+
+
+@task
+def count(n: int = 10, delay: float = 0.2) -> int:
+    """Count to ``n``, publishing progress, a log line and a partial result at each step.
+
+    corral submit corral.examples:count 20     then     corral tail JOB_ID
+    """
+    from corral import runtime
+
+    for i in range(1, n + 1):
+        time.sleep(delay)
+        runtime.progress(i, n, "steps")
+        runtime.log(f"step {i} of {n}")
+        runtime.emit(i * i)
+    return n

@@ -131,6 +131,7 @@ class BrokerAddrs:
     backend: str = field(default_factory=free_addr)
     admin: str = field(default_factory=free_addr)
     notify: str = field(default_factory=free_addr)
+    streams: str = field(default_factory=free_addr)
 
     def args(self) -> list[str]:
         return [
@@ -142,6 +143,8 @@ class BrokerAddrs:
             self.admin,
             "--notify",
             self.notify,
+            "--streams",
+            self.streams,
         ]
 
 

@@ -19,6 +19,7 @@ from corral.protocol import (
     Hello,
     Inform,
     Kbye,
+    Listen,
     ProtocolError,
     Publish,
     Query,
@@ -30,6 +31,7 @@ from corral.protocol import (
     ShowSchedulers,
     ShowWorkers,
     Status,
+    Stream,
     Unschedule,
     encode_body,
     parse,
@@ -67,6 +69,11 @@ ALL_MESSAGES = [
     Query("p", "job", {"id": "abc"}),
     Hello("q"),
     Abort("r", "job-1", "cancelled"),
+    Ack("s", "a", {"streams": 1}),
+    Stream("t", "", b'[["job-1", "run", 1, [{"kind": "log", "text": "x"}]]]'),
+    Stream("u", "listen-1", b'[{"kind": "header", "seq": 0}]'),
+    Listen("v", "listen", {"stream": "job-1", "after": 3, "window": 100}),
+    Listen("w", "credit", {"ref": "v", "n": 50}),
 ]
 
 

@@ -14,7 +14,7 @@ import heapq
 import logging
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -28,6 +28,7 @@ from corral.protocol import (
     PROTOCOL,
     Abort,
     Ack,
+    Command,
     Disconnect,
     Error,
     Heartbeat,
@@ -68,6 +69,8 @@ class Dest(IntEnum):
 
 
 Outgoing = tuple[Dest, bytes, list[bytes]]
+#: A handler of a corral command the core leaves to another part (job streams).
+Extension = Callable[[Dest, bytes, Message, float], None]
 
 
 @dataclass(slots=True)
@@ -172,6 +175,10 @@ class BrokerCore:
         self.held_results = False
         #: QUERY messages for the shell to answer (they may need the store).
         self.queries: list[tuple[bytes, Query]] = []
+        #: Commands handled outside the core, e.g. STREAM and LISTEN (job streams).
+        self.extensions: dict[Command, Extension] = {}
+        #: Meta sent with the ACK of a corral worker's INFORM (what this broker offers).
+        self.worker_ack_meta: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ entry points
 
@@ -199,6 +206,8 @@ class BrokerCore:
             self.stopping = True
         elif isinstance(msg, Ack | Reply | Error | Heartbeat):
             pass  # schedulers answer us and heartbeat (their liveness is noted above)
+        elif msg.command in self.extensions:
+            self.extensions[msg.command](Dest.FRONTEND, identity, msg, now)
         else:
             self._refuse(
                 Dest.FRONTEND,
@@ -244,6 +253,8 @@ class BrokerCore:
                 self._remove_worker(worker, now, reason="said goodbye")
         elif isinstance(msg, Ack | Error):
             pass
+        elif msg.command in self.extensions:
+            self.extensions[msg.command](Dest.BACKEND, identity, msg, now)
         else:
             self._refuse(
                 Dest.BACKEND,
@@ -707,7 +718,8 @@ class BrokerCore:
             log.info("worker %s is back after the restart and keeps %d job(s)", worker.name, kept)
         for weight, name in queues:
             self._queue(name).add(weight, worker)
-        self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
+        meta = self.worker_ack_meta if worker.corral else None
+        self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid, meta).to_frames()))
         # EventMQ job managers start their processes on the first HEARTBEAT.
         self.outbox.append((Dest.BACKEND, identity, _heartbeat(repr(now).encode())))
         log.info(

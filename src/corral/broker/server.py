@@ -24,9 +24,13 @@ import zmq
 from corral._clock import follow_wall_clock
 from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest, job_record
+from corral.broker.lines import AddressInUse as LinesInUse
+from corral.broker.lines import LineServer
 from corral.broker.queries import QueryHandler
-from corral.store.base import JobRecord, ScheduleRecord, Store, StoreError, WorkerRecord
+from corral.broker.streams import BrokerStreams, merge_batches
+from corral.store.base import JobRecord, Store, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
+from corral.store.streams import StreamBatch
 
 log = logging.getLogger("corral.broker")
 
@@ -70,8 +74,13 @@ class BrokerServer:
         commit_delay: float = 0.002,
         retention: float | None = 7 * 86400.0,
         context: zmq.Context | None = None,
+        streams: BrokerStreams | None = None,
+        stream_lines: str | None = None,
     ) -> None:
         self.core = core
+        #: Job streams; ``stream_lines`` is the TCP line server's endpoint (None: none).
+        self.streams = streams or BrokerStreams(core)
+        self.lines = LineServer(self.streams, stream_lines, self._flush) if stream_lines else None
         self.endpoints = {Dest.FRONTEND: frontend, Dest.BACKEND: backend, Dest.ADMIN: admin}
         self.notify_endpoint = notify
         self.store: Store = store or MemoryStore()
@@ -81,10 +90,8 @@ class BrokerServer:
         #: The writer thread is busy (a commit, a purge batch): a commit must wait.
         self._committing = False
         self._writer_waiters: list[asyncio.Future[None]] = []
-        self._unsaved: (
-            tuple[list[JobRecord], list[WorkerRecord], dict[str, Any], list, list[ScheduleRecord]]
-            | None
-        ) = None
+        #: A batch whose commit failed: (jobs, workers, meta, acks, schedules, streams, marks).
+        self._unsaved: tuple | None = None
         self.commits = 0
         self.commit_failures = 0
         #: Seconds changes may wait to share a transaction (SQLite store only).
@@ -136,6 +143,11 @@ class BrokerServer:
             )
         self.core.wall_offset = time.time() - time.monotonic()
         self.core.restore(snapshot, time.monotonic())
+        if hasattr(self.store, "load_streams"):
+            self.streams.restore(*self.store.load_streams())
+        else:
+            self.streams.persistent = False
+            log.warning("the store %s keeps no job streams; they live in memory", self.store.url)
         if not isinstance(self.store, MemoryStore):
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-store")
             self._readers = ThreadPoolExecutor(2, thread_name_prefix="corral-query")
@@ -147,6 +159,11 @@ class BrokerServer:
         return await self._loop.run_in_executor(self._readers, fn, *args)
 
     def bind(self) -> None:
+        if self.lines is not None and self.lines.sock is None:
+            try:
+                self.lines.bind()
+            except LinesInUse as exc:
+                raise AddressInUse(str(exc)) from None
         if self.notify_endpoint:
             self._notify = self.context.socket(zmq.PUB)
             self._notify.setsockopt(zmq.LINGER, 0)
@@ -199,6 +216,8 @@ class BrokerServer:
                 self._loop.add_signal_handler(sig, self.stop)
             except (ValueError, RuntimeError):
                 pass  # not the main thread: the owner stops us
+        if self.lines is not None:
+            await self.lines.start()
         self._tick()
         if self.retention is not None:
             self._purge_timer = self._loop.call_later(PURGE_FIRST, self._purge_expired)
@@ -237,6 +256,8 @@ class BrokerServer:
         self.close()
 
     def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
@@ -283,6 +304,8 @@ class BrokerServer:
 
     def _flush(self) -> None:
         core = self.core
+        streams = self.streams
+        streams.pump()
         while core.outbox:
             batch = core.outbox
             core.outbox = []
@@ -298,8 +321,14 @@ class BrokerServer:
         if core.lookups:
             lookups, core.lookups = core.lookups, []
             asyncio.ensure_future(self._look_up(lookups))
-        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
+        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty or streams.dirty:
             self._schedule_commit()
+        if streams.loads:
+            names, streams.loads = streams.loads, []
+            for name in names:
+                asyncio.ensure_future(self._load_stream(name))
+        if self.lines is not None:
+            self.lines.write_out()
         # Sending may consume the edge of the sockets' edge-triggered FDs:
         # look again, or a message that arrived meanwhile would sit unread.
         for dest in self._sent_on:
@@ -320,6 +349,8 @@ class BrokerServer:
                 self.send_failures += 1
                 if exc.errno == errno.EHOSTUNREACH:
                     core.peer_unreachable(dest, identity, time.monotonic())
+                    if dest is Dest.FRONTEND:
+                        self.streams.unreachable(identity)
                 else:
                     log.warning(
                         "could not send to %r on %s: %s", identity[:64], dest.name.lower(), exc
@@ -355,39 +386,49 @@ class BrokerServer:
         core = self.core
         jobs, workers, meta = core.take_changes()
         schedules = core.take_schedule_changes()
+        # A job that ended closes its stream in the same transaction.
+        self.streams.note_jobs(jobs)
+        streams, marks = self.streams.take_changes()
         acks = core.take_acks()
         if self._unsaved is not None:
-            old_jobs, old_workers, old_meta, old_acks, old_schedules = self._unsaved
+            old = self._unsaved
+            old_jobs, old_workers, old_meta, old_acks, old_schedules, old_streams, old_marks = old
             self._unsaved = None
             jobs, workers = old_jobs + jobs, old_workers + workers
             meta, acks = {**old_meta, **meta}, old_acks + acks
             schedules = old_schedules + schedules
-        if not (jobs or workers or meta or acks or schedules):
+            streams, marks = merge_batches(old_streams, streams), old_marks + marks
+        if not (jobs or workers or meta or acks or schedules or streams):
             return
-        batch = (jobs, workers, meta, acks, schedules)
+        batch = (jobs, workers, meta, acks, schedules, streams, marks)
+        # Stores that keep no streams are not given any (they live in memory then).
+        extra = {"streams": streams} if self.streams.persistent and streams else {}
         for rec in jobs:
             self._uncommitted[rec.id] = rec
-        if self._executor is None or sync or self._small(jobs, workers):
+        if self._executor is None or sync or self._small(jobs, workers, streams):
             try:
-                self.store.commit(jobs, workers, meta, schedules)
+                self.store.commit(jobs, workers, meta, schedules, **extra)
             except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
                 self._commit_failed(exc, batch)
                 return
-            self._committed(acks)
+            self._committed(acks, marks)
             return
         self._committing = True
         assert self._loop is not None
         future = self._loop.run_in_executor(
-            self._executor, self.store.commit, jobs, workers, meta, schedules
+            self._executor, lambda: self.store.commit(jobs, workers, meta, schedules, **extra)
         )
         future.add_done_callback(lambda f: self._commit_done(f, batch))
 
-    def _small(self, jobs: list[JobRecord], workers: list[WorkerRecord]) -> bool:
+    def _small(
+        self, jobs: list[JobRecord], workers: list[WorkerRecord], streams: StreamBatch
+    ) -> bool:
         # A transaction of a few rows takes ~50 us: less than handing it to the writer
         # thread and back, which puts two thread wake-ups (~0.3 ms on an idle machine)
         # between a job's submit and its acknowledgement. Big batches (a busy broker)
         # and fsync'ed commits still go to the writer thread, off the event loop.
-        return len(jobs) + len(workers) <= INLINE_COMMIT_ROWS and not self.store_fsyncs
+        rows = len(jobs) + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
+        return rows <= INLINE_COMMIT_ROWS and not self.store_fsyncs
 
     def _writer_free(self) -> None:
         """The writer (the store's one write connection) is idle: wake who waits for it."""
@@ -403,18 +444,19 @@ class BrokerServer:
         if exc is not None:
             self._commit_failed(exc, batch)
             return
-        self._committed(batch[3])
+        self._committed(batch[3], batch[6])
         core = self.core
-        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
+        if core.acks or core.dirty or core.dirty_workers or core.desk.dirty or self.streams.dirty:
             self._commit()
 
-    def _committed(self, acks: list) -> None:
+    def _committed(self, acks: list, marks: list) -> None:
         # Every record taken so far was in this batch: one commit runs at a time.
         self._uncommitted.clear()
         self.commits += 1
         self._send(acks)
         self.core.released(acks)
         self.core.committed(time.monotonic())
+        self.streams.committed(marks)
         self._flush()
 
     def _commit_failed(self, exc: BaseException, batch: tuple) -> None:
@@ -426,6 +468,20 @@ class BrokerServer:
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)
+
+    async def _load_stream(self, name: str) -> None:
+        """Read a stream the hub does not hold (a job that ended a while ago) from the store."""
+        record = job = None
+        try:
+            record = await self._in_thread(self.store.get_stream, name)
+            if record is None:
+                job = self.unstored_records().get(name)
+                if job is None:
+                    job = await self._in_thread(self.store.get_job, name)
+        except Exception:  # noqa: BLE001 - the listener is told the stream is unknown
+            log.exception("could not read stream %s from the store", name)
+        self.streams.loaded(name, record, job)
+        self._flush()
 
     # ------------------------------------------------------------ store reads and upkeep
 
@@ -482,7 +538,13 @@ class BrokerServer:
         finally:
             self._writer_free()
             core = self.core
-            if core.acks or core.dirty or core.dirty_workers or core.desk.dirty:
+            if (
+                core.acks
+                or core.dirty
+                or core.dirty_workers
+                or core.desk.dirty
+                or self.streams.dirty
+            ):
                 self._commit()  # what waited for the writer
 
     def _purge_expired(self) -> None:

@@ -21,10 +21,11 @@ from zmq.utils.monitor import parse_monitor_message
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.client.schedules import schedule_params
+from corral.client.streams import AsyncJobStream
 from corral.client.sync import configure_socket
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, NotAcknowledged
-from corral.protocol import Query, new_msgid
+from corral.protocol import Listen, Query, new_msgid
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,43 @@ class AsyncClient:
         finally:
             for job in in_flight:
                 job.cancel()
+
+    # ------------------------------------------------------------ job streams
+
+    async def stream(
+        self,
+        job_id: str | AsyncJob,
+        after: int | None = None,
+        *,
+        window: int = 1000,
+        timeout: float | None = None,
+        codec: Any = None,
+    ) -> AsyncJobStream:
+        """``async for message in await client.stream(job)``: as :meth:`corral.Client.stream`."""
+        if self._closing:
+            raise ClientClosed("the client is closed")
+        if isinstance(job_id, AsyncJob):
+            await asyncio.wait_for(job_id.wait_acknowledged(), self.ack_timeout)
+            job_id = job_id.id
+        return AsyncJobStream(
+            self.address, job_id, after, window=window, timeout=timeout, codec=codec
+        )
+
+    async def stream_token(self, job_id: str) -> str:
+        """As :meth:`corral.Client.stream_token`."""
+        if self._closing:
+            raise ClientClosed("the client is closed")
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        msg = Listen(new_msgid(), "token", {"stream": job_id})
+        job = AsyncJob(msg.msgid, "", loop.create_future())
+        job._acked = True  # answered, never acknowledged
+        self._pending[job.id] = job
+        try:
+            await self._sock.send_multipart(msg.to_frames())
+            return await asyncio.wait_for(job, self.ack_timeout * 3)
+        finally:
+            self._pending.pop(job.id, None)
 
     # ------------------------------------------------------------ schedules
 

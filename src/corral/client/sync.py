@@ -29,9 +29,10 @@ from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.client.schedules import schedule_params
+from corral.client.streams import JobStream
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, JobFailed, NotAcknowledged
-from corral.protocol import Query, new_msgid
+from corral.protocol import Listen, Query, new_msgid
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,46 @@ class Client:
     def workers(self) -> dict[str, Any]:
         """Connected workers by integer id, and every uuid ever registered with its id."""
         return self.query("workers")
+
+    def stream(
+        self,
+        job_id: str | Job,
+        after: int | None = None,
+        *,
+        window: int = 1000,
+        timeout: float | None = None,
+        codec: Any = None,
+    ) -> JobStream:
+        """Listen to job ``job_id``'s stream: an iterator of typed messages.
+
+        Without ``after``: the stream's :class:`~corral.streams.Header` (its state
+        now) first, then every later ``Progress``/``Log``/``Partial``, in order,
+        ending with a :class:`~corral.streams.Close` carrying the outcome. With
+        ``after=seq``: the messages after ``seq`` (a ``Gap`` and the header if the
+        broker no longer keeps them). ``window`` (default 1000) messages may be
+        in flight; ``timeout`` (default none) bounds each wait; ``codec``
+        decodes values (default :data:`corral.codec.default`). See
+        :class:`~corral.client.streams.JobStream`.
+
+        Pass the :class:`Job` itself for a job just submitted: the stream is
+        asked for once the broker has accepted the job (a stream the broker has
+        never heard of ends at once with a ``Close`` of reason ``unknown``).
+        """
+        self._check_usable()
+        if isinstance(job_id, Job):
+            job_id.wait_acknowledged(self.ack_timeout)
+            job_id = job_id.id
+        return JobStream(self.address, job_id, after, window=window, timeout=timeout, codec=codec)
+
+    def stream_token(self, job_id: str, *, timeout: float | None = 30.0) -> str:
+        """The token that lets a network client put to the stream of a job this client
+        submitted (``put``/``header`` on the TCP line protocol)."""
+        self._check_usable()
+        msg = Listen(new_msgid(), "token", {"stream": job_id})
+        job = Job(msg.msgid, "")
+        job._frames = msg.to_frames()
+        self._enqueue(job)
+        return job.result(timeout)
 
     def watch_workers(self, timeout: float = 10.0) -> WorkerEvents:
         """Subscribe to workers joining and leaving (see :class:`.WorkerEvents`).

@@ -42,6 +42,11 @@ class Command(StrEnum):
     #: the broker tells a corral worker to stop running a job and drop it
     #: (cancelled, or given to another worker while this one was lost).
     ABORT = "ABORT"
+    #: job streams: a corral worker's batch of stream messages (backend), or the
+    #: broker's delivery of stream items to one listener (frontend).
+    STREAM = "STREAM"
+    #: job streams: a client starts, paces or stops listening to a stream.
+    LISTEN = "LISTEN"
 
 
 COMMANDS: dict[bytes, Command] = {c.value.encode(): c for c in Command}

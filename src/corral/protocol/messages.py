@@ -156,11 +156,17 @@ class Inform(Message):
 
 
 class Ack(Message):
+    """ACK of ``acked``; ``meta`` is corral's optional JSON object (its broker's
+    capabilities, sent only to corral workers)."""
+
     acked: str = ""
+    meta: dict[str, Any] | None = None
     command = Command.ACK
 
     def args(self) -> list[bytes]:
-        return [self.acked.encode()]
+        if self.meta is None:
+            return [self.acked.encode()]
+        return [self.acked.encode(), _json_encode(self.meta)]
 
 
 class Ready(Message):
@@ -317,6 +323,37 @@ class Abort(Message):
         return [self.ref.encode(), self.reason.encode()]
 
 
+class Stream(Message):
+    """corral's job-stream data, in two shapes.
+
+    * worker -> broker (backend): ``batch``, a JSON list of
+      ``[job_id, run, first_pseq, [entry, ...]]`` (see :mod:`corral.streams.messages`);
+      ``ref`` is empty.
+    * broker -> client (frontend): ``ref`` is the LISTEN MSGID that started the
+      listener and ``batch`` a JSON list of stream items, in order.
+    """
+
+    ref: str = ""
+    batch: bytes = b"[]"
+    command = Command.STREAM
+
+    def args(self) -> list[bytes]:
+        if not self.ref:
+            return [self.batch]
+        return [self.ref.encode(), self.batch]
+
+
+class Listen(Message):
+    """corral's listener control: ``{"op": "listen"|"credit"|"hangup"|"token", ...}``."""
+
+    op: str = ""
+    params: dict[str, Any] = {}
+    command = Command.LISTEN
+
+    def args(self) -> list[bytes]:
+        return [_json_encode({**self.params, "op": self.op})]
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -414,8 +451,9 @@ def _p_inform(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
 
 
 def _p_ack(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
-    _arity(cmd, rest, 0, 1, msgid)
-    return Ack(msgid, _text(rest[0], "ACK id", msgid) if rest else "")
+    _arity(cmd, rest, 0, 2, msgid)
+    meta = _json(rest[1], _object_json, "ACK meta", msgid) if len(rest) > 1 else None
+    return Ack(msgid, _text(rest[0], "ACK id", msgid) if rest else "", meta)
 
 
 def _p_bare(cls: type[Message]):  # noqa: ANN202 - small factory
@@ -527,6 +565,24 @@ def _p_query(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     return Query(msgid, op, request)
 
 
+def _p_stream(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
+    _arity(cmd, rest, 1, 2, msgid)
+    if len(rest) == 1:
+        return Stream(msgid, "", rest[0])
+    return Stream(msgid, _text(rest[0], "STREAM ref", msgid), rest[1])
+
+
+def _p_listen(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
+    _arity(cmd, rest, 1, 1, msgid)
+    request = _json(rest[0], _object_json, "LISTEN", msgid)
+    op = request.pop("op", None)
+    if op not in ("listen", "credit", "hangup", "token"):
+        raise ProtocolError(
+            "bad-listen", "a LISTEN needs 'op': listen, credit, hangup or token", msgid
+        )
+    return Listen(msgid, op, request)
+
+
 _PARSERS = {
     Command.INFORM: _p_inform,
     Command.ACK: _p_ack,
@@ -546,4 +602,6 @@ _PARSERS = {
     Command.ERROR: _p_error,
     Command.QUERY: _p_query,
     Command.ABORT: _p_abort,
+    Command.STREAM: _p_stream,
+    Command.LISTEN: _p_listen,
 }

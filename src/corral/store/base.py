@@ -113,8 +113,13 @@ class Store(Protocol):
         workers: Sequence[WorkerRecord],
         meta: dict[str, Any],
         schedules: Sequence[ScheduleRecord] = (),
+        streams: Any = None,
     ) -> None:
-        """Write these records in one transaction (upserts by id / uuid)."""
+        """Write these records in one transaction (upserts by id / uuid).
+
+        ``streams`` is a :class:`corral.store.streams.StreamBatch` for stores
+        that keep job streams (they also have ``load_streams``/``get_stream``).
+        """
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
 

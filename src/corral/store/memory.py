@@ -7,6 +7,7 @@ from typing import Any
 
 from corral.store.base import JobQuery, JobRecord, ScheduleRecord, Snapshot, WorkerRecord
 from corral.store.query import FINISHED_STATES, matches
+from corral.store.streams import MemoryStreams, StreamBatch, StreamRecord
 
 
 class MemoryStore:
@@ -17,6 +18,7 @@ class MemoryStore:
         self.workers: dict[str, WorkerRecord] = {}
         self.meta: dict[str, Any] = {}
         self.schedules: dict[str, ScheduleRecord] = {}
+        self.streams = MemoryStreams()
 
     def open(self, recent: int = 100_000) -> Snapshot:
         finished = [j.id for j in self.jobs.values() if j.state in FINISHED_STATES]
@@ -34,6 +36,7 @@ class MemoryStore:
         workers: Sequence[WorkerRecord],
         meta: dict[str, Any],
         schedules: Sequence[ScheduleRecord] = (),
+        streams: StreamBatch | None = None,
     ) -> None:
         for job in jobs:
             self.jobs[job.id] = job
@@ -42,6 +45,14 @@ class MemoryStore:
         self.meta.update(meta)
         for sched in schedules:
             self.schedules[sched.id] = sched
+        if streams:
+            self.streams.write(streams)
+
+    def load_streams(self) -> tuple[list[StreamRecord], str | None]:
+        return self.streams.load_open()
+
+    def get_stream(self, name: str) -> StreamRecord | None:
+        return self.streams.get(name)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)
@@ -62,6 +73,7 @@ class MemoryStore:
         ][:limit]
         for job_id in old:
             del self.jobs[job_id]
+            self.streams.streams.pop(job_id, None)
         return len(old)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from corral.store import streams as stream_store
 from corral.store.base import (
     JobQuery,
     JobRecord,
@@ -23,6 +24,7 @@ from corral.store.base import (
     StoreError,
     WorkerRecord,
 )
+from corral.store.streams import StreamBatch, StreamRecord
 
 SCHEMA_VERSION = 1
 
@@ -187,6 +189,7 @@ class SQLiteStore:
         conn = self._connect()
         try:
             conn.executescript(_SCHEMA)
+            conn.executescript(stream_store.SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -252,6 +255,7 @@ class SQLiteStore:
         workers: Sequence[WorkerRecord],
         meta: dict[str, Any],
         schedules: Sequence[ScheduleRecord] = (),
+        streams: StreamBatch | None = None,
     ) -> None:
         conn = self._write
         assert conn is not None, "open() first"
@@ -274,11 +278,21 @@ class SQLiteStore:
                     "value = excluded.value",
                     (key, str(value)),
                 )
+            if streams:
+                stream_store.write(conn, streams)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise self._explain(exc) from None
+
+    def load_streams(self) -> tuple[list[StreamRecord], str | None]:
+        """Open job streams and the stream-token secret (at start, after :meth:`open`)."""
+        assert self._write is not None, "open() first"
+        return stream_store.load_open(self._write)
+
+    def get_stream(self, name: str) -> StreamRecord | None:
+        return stream_store.get(self._reader(), name)
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -348,6 +362,8 @@ class SQLiteStore:
                 f"AND COALESCE(completed, submitted) < ? LIMIT ?)",
                 (*_FINISHED, finished_before, finished_before, limit),
             )
+            # The streams of those jobs go with them.
+            stream_store.purge(conn, limit)
         except sqlite3.Error as exc:
             raise self._explain(exc) from None
         return cur.rowcount

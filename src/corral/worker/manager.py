@@ -38,6 +38,7 @@ from corral.protocol import (
     parse,
 )
 from corral.worker.pool import Pool
+from corral.worker.streams import StreamOutbox
 
 log = logging.getLogger("corral.worker")
 
@@ -70,17 +71,30 @@ class WorkerConfig:
     #: Outcomes kept after sending, re-sent after a reconnect in case the
     #: broker that should have received them died first.
     resend_window: int = 1000
+    #: Job streams (corral.runtime): put the job's stdout/stderr lines on its
+    #: stream too; the lowest ``logging`` level put there (None: no records);
+    #: how many messages a job's process buffers before it drops log lines.
+    capture_output: bool = False
+    stream_log_level: str | None = "info"
+    stream_buffer: int = 10_000
 
 
 class WorkerManager:
     def __init__(self, config: WorkerConfig, *, context: zmq.Context | None = None) -> None:
         self.config = config
         self.context = context or zmq.Context.instance()
+        self.streams = StreamOutbox(self._send)
         self.pool = Pool(
             config.concurrency,
             imports=config.imports,
             allow=config.allow,
             max_jobs_per_child=config.max_jobs_per_child,
+            on_stream=self.streams.add,
+            stream_options={
+                "max_entries": config.stream_buffer,
+                "log_level": config.stream_log_level,
+                "capture": config.capture_output,
+            },
         )
         self.running: dict[str, asyncio.Future[bytes]] = {}
         self.processed = 0
@@ -172,6 +186,7 @@ class WorkerManager:
 
     def _send_inform(self) -> None:
         self._informed = False
+        self.streams.registering()
         self._inform_id = new_msgid()
         self._inform_sent = time.monotonic()
         msg = Inform(
@@ -210,6 +225,7 @@ class WorkerManager:
             if msg.acked == self._inform_id and not self._informed:
                 self._informed = True
                 log.info("registered with the broker")
+                self.streams.registered(bool((msg.meta or {}).get("streams")), self._reconnected)
                 self._resend_recent()
                 if not self._draining:
                     self._send_ready(self.free_slots)
@@ -242,6 +258,7 @@ class WorkerManager:
             self._reply(job_id, encode_outcome_error("BadRequest", exc.detail))
             return
         timeout = msg.headers.timeout or None
+        self.streams.start(job_id)
         future = self.pool.run(job_id, params, timeout)
         self.running[job_id] = future
         future.add_done_callback(lambda f, jid=job_id: self._on_done(jid, f))
@@ -255,6 +272,7 @@ class WorkerManager:
         self.pool.cancel(msg.ref)
 
     def _on_done(self, job_id: str, future: asyncio.Future[bytes]) -> None:
+        self.streams.finish(job_id)  # its stream messages go before its outcome
         if self.running.pop(job_id, None) is None:
             return
         if future.cancelled():

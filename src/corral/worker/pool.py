@@ -33,11 +33,12 @@ import struct
 import sys
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 
+from corral import runtime
 from corral.errors import CorralError
 from corral.worker.loader import Loader, check_prefixes
 
@@ -51,6 +52,8 @@ _RECV_SIZE = 1 << 18
 # First frame from a child: it imported everything and serves, or it failed.
 _READY = b"R"
 _FAILED = b"E"
+# A batch of the running job's stream messages (see corral.runtime); outcomes are JSON.
+_STREAM = b"S"[0]
 
 _json = msgspec.json.Encoder()
 _msgpack_encode = msgspec.msgpack.Encoder().encode
@@ -212,6 +215,7 @@ def _child_main(
     allow: tuple[str, ...],
     max_jobs: int | None,
     log_level: int | str,
+    stream_options: dict[str, Any] | None = None,
 ) -> None:
     """Entry point of a pool child: import, say ready, then serve jobs."""
     # Ctrl-C reaches the whole process group; shutdown is the parent's call.
@@ -224,6 +228,10 @@ def _child_main(
         level=log_level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
     )
     sock.setblocking(True)
+    # The job's stream thread writes to the same socket between outcomes.
+    lock = threading.Lock()
+    if stream_options is not None:
+        runtime.setup(sock, lock, _frame, **stream_options)
     try:
         try:
             loader = Loader(imports, allow)
@@ -240,8 +248,12 @@ def _child_main(
                 if not data:
                     return  # the parent closed our pipe: shut down cleanly
                 queued.extend(frames.feed(data))
-            _job_id, params = _msgpack_decode(queued.popleft())
-            _send(sock, _run_job(loader, params))
+            job_id, params = _msgpack_decode(queued.popleft())
+            runtime.begin(job_id)
+            outcome = _run_job(loader, params)
+            runtime.end()  # what the job put on its stream goes before its outcome
+            with lock:
+                _send(sock, outcome)
             done += 1
     except (BrokenPipeError, ConnectionResetError):
         return  # the parent is gone; nobody is left to tell
@@ -348,6 +360,8 @@ class Pool:
         log_level: int | str = logging.INFO,
         start_method: str = "forkserver",
         start_timeout: float = 60.0,
+        on_stream: Callable[[str, list[bytes]], None] | None = None,
+        stream_options: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, not {concurrency!r}")
@@ -365,6 +379,10 @@ class Pool:
         self._log_level = log_level
         self._start_method = start_method
         self._start_timeout = start_timeout
+        #: Called with (job id, [entry JSON, ...]) for what a running job puts on its
+        #: stream; ``stream_options`` go to corral.runtime.setup in each child.
+        self._on_stream = on_stream
+        self._stream_options = stream_options if on_stream is not None else None
         self._ctx = _context(start_method)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[int, _Child] = {}
@@ -561,7 +579,14 @@ class Pool:
         try:
             proc = self._ctx.Process(  # type: ignore[attr-defined]
                 target=_child_main,
-                args=(child_sock, self._imports, self._allow, self._max_jobs, self._log_level),
+                args=(
+                    child_sock,
+                    self._imports,
+                    self._allow,
+                    self._max_jobs,
+                    self._log_level,
+                    self._stream_options,
+                ),
                 name="corral-pool-child",
                 daemon=True,
             )
@@ -677,6 +702,9 @@ class Pool:
                         RuntimeError(f"pool child {child.pid} failed to start:\n{error}")
                     )
             return
+        if frame and frame[0] == _STREAM:
+            self._stream_frame(child, frame)
+            return
         job = child.job
         if job is None:
             log.warning("child %d sent an outcome with no job running; ignored", child.pid)
@@ -692,6 +720,20 @@ class Pool:
             child.state = _State.IDLE
             self._idle.append(child)
             self._dispatch()
+
+    def _stream_frame(self, child: _Child, frame: bytes) -> None:
+        if self._on_stream is None or child.job is None:
+            return
+        try:
+            job_id, entries = _msgpack_decode(memoryview(frame)[1:])
+        except (msgspec.DecodeError, ValueError, TypeError):
+            log.warning("child %d sent an unreadable stream frame; ignored", child.pid)
+            return
+        if job_id == child.job.id and entries:
+            try:
+                self._on_stream(job_id, entries)
+            except Exception:  # noqa: BLE001 - a stream problem must not lose the job
+                log.exception("could not forward job %s's stream messages", job_id)
 
     def _finish(self, job: _Job, outcome: bytes) -> None:
         if job.timer is not None:

@@ -1,0 +1,178 @@
+"""The object codec, corral.runtime outside a job, and the worker's stream outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import socket
+import threading
+import time
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corral import runtime
+from corral.codec import Codec, CodecError
+from corral.worker.pool import _frame, _Frames
+from corral.worker.streams import StreamOutbox
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Legacy:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def __codec_upgrade__(cls, state, version):
+        return {"name": state["old_name"]}
+
+
+def test_registered_classes_round_trip_and_nothing_else_decodes():
+    codec = Codec()
+    codec.register(Point, version="1.2")
+    data = codec.encode({"points": [Point(1, 2), Point(3, 4)], "n": 2})
+    assert json.loads(data)["points"][0] == {
+        ".class": f"{__name__}.Point",
+        ".version": "1.2",
+        ".state": {"x": 1, "y": 2},
+    }
+    assert codec.decode(data) == {"points": [Point(1, 2), Point(3, 4)], "n": 2}
+    with pytest.raises(CodecError, match="unknown class"):
+        codec.decode(b'{".class": "os.system", ".version": "1.0", ".state": {}}')
+    with pytest.raises(CodecError, match="newer"):
+        codec.decode(data.replace(b'"1.2"', b'"1.10"'))
+    with pytest.raises(CodecError, match="register"):
+        codec.encode(object())
+    with pytest.raises(CodecError, match="plain dict"):
+        codec.encode({".class": "x"})
+
+
+def test_an_older_version_is_upgraded():
+    codec = Codec()
+    codec.register(Legacy, version="2.0")
+    old = b'{".class": "%s.Legacy", ".version": "1.0", ".state": {"old_name": "a"}}' % (
+        __name__.encode()
+    )
+    assert codec.decode(old).name == "a"
+    assert codec.decode(codec.encode(Legacy("b"))).name == "b"
+
+
+@given(st.binary(max_size=200))
+def test_decoding_garbage_is_a_codec_error_or_a_plain_value(data):
+    try:
+        Codec().decode(data)
+    except CodecError:
+        pass
+
+
+def test_runtime_calls_outside_a_job_are_harmless_no_ops():
+    assert runtime.current_job() is None
+    runtime.progress(1, 2, "things")
+    runtime.log("nobody hears this")
+    runtime.emit(object())  # not even encoded: there is no job
+    runtime.set_header({"a": 1})
+
+
+def test_runtime_buffer_sends_in_order_coalesces_progress_and_counts_drops():
+    parent, child = socket.socketpair()
+    frames = _Frames()
+    gate = threading.Event()
+
+    def send(payload: bytes) -> None:
+        gate.wait(10)  # a slow worker: the job must not wait for it
+        child.sendall(_frame(b"S" + payload))
+
+    sink = runtime._Sink(send, max_entries=5)
+    old, runtime._sink = runtime._sink, sink
+    try:
+        runtime.begin("job-1")
+        runtime.progress(0, 10)
+        deadline = time.monotonic() + 10
+        while (sink.buf or not sink.sending) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the sender holds the first batch
+        for i in range(1, 3):
+            runtime.progress(i, 10)
+        for i in range(10):
+            runtime.log(f"line {i}")
+        gate.set()
+        runtime.end()
+    finally:
+        runtime._sink, runtime._current = old, None
+    parent.setblocking(False)
+    got = []
+    while True:
+        try:
+            data = parent.recv(1 << 16)
+        except BlockingIOError:
+            break
+        for frame in frames.feed(data):
+            job_id, entries = msgspec.msgpack.decode(frame[1:])
+            assert job_id == "job-1"
+            got += [json.loads(e) for e in entries]
+    assert [e["done"] for e in got if e["kind"] == "progress"] == [0, 2]
+    assert [e["text"] for e in got[2:6]] == ["line 0", "line 1", "line 2", "line 3"]
+    assert "6 stream message(s) dropped" in got[-1]["text"]
+    assert runtime.current_job() is None
+
+
+def test_outbox_holds_entries_until_registered_and_resends_after_a_reconnect():
+    sent: list[list[bytes]] = []
+
+    async def run():
+        box = StreamOutbox(sent.append, retain=3)
+        box.registering()
+        box.start("j")
+        box.add("j", [b'{"kind":"log","text":"1"}'])
+        await asyncio.sleep(0)
+        assert sent == []  # not registered yet
+        box.registered(True, again=False)
+        box.add("j", [b'{"kind":"log","text":"2"}', b'{"kind":"log","text":"3"}'])
+        await asyncio.sleep(0)
+        box.registering()
+        box.add("j", [b'{"kind":"log","text":"4"}'])
+        await asyncio.sleep(0)
+        box.registered(True, again=True)
+        box.finish("j")
+
+    asyncio.run(run())
+    batches = [json.loads(frames[1]) for frames in sent]
+    assert [(g[2], len(g[3])) for b in batches for g in b] == [(1, 1), (2, 2), (2, 3)]
+    assert batches[-1][0][3][-1]["text"] == "4"
+
+
+def test_outbox_drops_and_counts_for_a_broker_without_streams():
+    sent = []
+
+    async def run():
+        box = StreamOutbox(sent.append)
+        box.registered(False, again=False)
+        box.start("j")
+        box.add("j", [b"{}", b"{}"])
+        return box
+
+    box = asyncio.run(run())
+    assert sent == [] and box.dropped == 2
+
+
+def test_entries_held_while_registering_are_all_sent_even_past_the_kept_window():
+    sent: list[list[bytes]] = []
+
+    async def run():
+        box = StreamOutbox(sent.append, retain=2)
+        box.registered(True, again=False)
+        box.start("j")
+        box.registering()
+        box.add("j", [b'{"kind":"log","text":"%d"}' % i for i in range(5)])
+        box.registered(True, again=True)
+
+    asyncio.run(run())
+    (batch,) = [json.loads(frames[1]) for frames in sent]
+    assert batch[0][2] == 1 and [e["text"] for e in batch[0][3]] == ["0", "1", "2", "3", "4"]
