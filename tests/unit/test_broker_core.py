@@ -10,6 +10,7 @@ from corral.broker.core import BrokerConfig, BrokerCore, Dest
 from corral.protocol import (
     PROTOCOL,
     Inform,
+    Kbye,
     RunParams,
     encode_body,
     new_msgid,
@@ -455,3 +456,31 @@ def test_outcome_after_its_acknowledgement_was_taken_for_the_store(h):
     h.reply(b"w1", job)
     assert [len(frames) for _, _, frames in taken] == [5]
     assert [len(frames) for _, _, frames in h.core.acks] == [6]  # still held after it
+
+
+def test_a_leaving_worker_finishes_its_jobs_and_gets_no_new_ones(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1", 2)
+    running = h.submit()
+    h.sent()
+    h.core.on_backend(b"w1", Kbye(new_msgid(), draining=True).to_frames(), h.now)
+    out = h.sent()
+    assert [m.command.value for _, _, m in out] == ["ACK"]
+    waiting = h.submit()
+    h.ready(b"w1")  # ignored: it is leaving
+    assert h.dispatched(h.sent()) == []
+    h.reply(b"w1", running)
+    assert [m.ref for m in outcomes(h.sent())] == [running]
+    h.core.on_backend(b"w1", Kbye(new_msgid()).to_frames(), h.now)
+    assert b"w1" not in h.core.workers and h.core.stats.workers_lost == 1
+    h.inform(b"w2", meta=CORRAL)
+    h.ready(b"w2")
+    assert h.dispatched(h.sent()) == [(b"w2", waiting)]
+
+
+def test_an_eventmq_worker_saying_draining_just_leaves(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    h.submit()
+    h.core.on_backend(b"w1", Kbye(new_msgid(), draining=True).to_frames(), h.now)
+    assert b"w1" not in h.core.workers

@@ -58,6 +58,7 @@ ALL_MESSAGES = [
     Heartbeat("f", 1700000000.25),
     Disconnect("g"),
     Kbye("h"),
+    Kbye("h", draining=True),
     Schedule("i", "default", parse_headers("nohaste,run_count:3"), 60, BODY, ""),
     Schedule("i", "default", parse_headers(""), -1, BODY, "*/5 * * * *"),
     Unschedule("j", "default", parse_headers(""), -1, BODY, ""),

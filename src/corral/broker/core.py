@@ -178,7 +178,9 @@ class BrokerCore:
         #: Commands handled outside the core, e.g. STREAM and LISTEN (job streams).
         self.extensions: dict[Command, Extension] = {}
         #: Meta sent with the ACK of a corral worker's INFORM (what this broker offers).
-        self.worker_ack_meta: dict[str, Any] | None = None
+        #: What the ACK to a corral worker's INFORM tells it (a corral broker always sends
+        #: one, so the worker knows it may use corral's commands); extensions add to it.
+        self.worker_ack_meta: dict[str, Any] = {}
 
     # ------------------------------------------------------------ entry points
 
@@ -234,7 +236,8 @@ class BrokerCore:
                     msg.msgid,
                 )
                 return
-            self._on_ready(worker, now)
+            if not worker.draining:
+                self._on_ready(worker, now)
         elif isinstance(msg, Reply):
             self._on_result(identity, worker, msg, now)
         elif isinstance(msg, Inform):
@@ -249,7 +252,9 @@ class BrokerCore:
                     msg.msgid,
                 )
         elif isinstance(msg, Kbye):
-            if worker is not None:
+            if worker is not None and msg.draining and worker.corral:
+                self._drain_worker(worker, msg)
+            elif worker is not None:
                 self._remove_worker(worker, now, reason="said goodbye")
         elif isinstance(msg, Ack | Error):
             pass
@@ -775,6 +780,24 @@ class BrokerCore:
         self._abort(worker, job_id, f"the job is {where}")
         return False
 
+    def _drain_worker(self, worker: Worker, msg: Kbye) -> None:
+        """A corral worker is leaving: no more jobs for it, it finishes what it has.
+
+        The ACK tells it that every job sent to it is already on its way, so the
+        ones it has are all it will get. Its plain KBYE follows when it is done.
+        """
+        if not worker.draining:
+            worker.draining = True
+            for _, name in worker.queues:
+                self.queues[name].remove(worker)  # takes its free slots out of dispatch
+            worker.slots = 0
+            log.info(
+                "worker %s is leaving; it finishes its %d running job(s)",
+                worker.name,
+                len(worker.running),
+            )
+        self.outbox.append((Dest.BACKEND, worker.identity, Ack(new_msgid(), msg.msgid).to_frames()))
+
     def _disown(self, job: Job) -> None:
         """Take ``job`` off the list of a restored worker that is still awaited."""
         orphaned = self.orphans.get(job.worker_uuid or "")
@@ -976,6 +999,7 @@ class BrokerCore:
                     "running": len(w.running),
                     "processed": w.processed,
                     "id": w.id,
+                    "draining": w.draining,
                 }
                 for w in self.workers.values()
             },

@@ -69,6 +69,8 @@ class Worker:
     #: reply only when asked to, so the broker always asks them.
     corral: bool = False
     running: dict[str, Job] = field(default_factory=dict)
+    #: It said it is leaving: no more jobs for it; it finishes those it has.
+    draining: bool = False
     #: Jobs this worker was told to ABORT: their (cancelled) outcomes are not the job's.
     aborted: set[str] = field(default_factory=set)
     processed: int = 0

@@ -225,7 +225,15 @@ class Disconnect(Message):
 
 
 class Kbye(Message):
+    """Goodbye. A corral worker first says it is ``draining`` (corral's F4 frame):
+    the broker stops sending it jobs, answers with an ACK, and keeps its running
+    jobs until the plain goodbye that follows."""
+
+    draining: bool = False
     command = Command.KBYE
+
+    def args(self) -> list[bytes]:
+        return [b"draining"] if self.draining else []
 
 
 class Schedule(Message):
@@ -465,6 +473,11 @@ def _p_bare(cls: type[Message]):  # noqa: ANN202 - small factory
     return parse_bare
 
 
+def _p_kbye(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
+    _arity(cmd, rest, 0, 2, msgid)  # EventMQ's peers may add a trailing frame
+    return Kbye(msgid, bool(rest) and rest[0] == b"draining")
+
+
 def _p_request(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     _arity(cmd, rest, 3, 3, msgid)
     queue = _queue_name(rest[0], msgid)
@@ -591,7 +604,7 @@ _PARSERS = {
     Command.REPLY: _p_reply,
     Command.HEARTBEAT: _p_heartbeat,
     Command.DISCONNECT: _p_bare(Disconnect),
-    Command.KBYE: _p_bare(Kbye),
+    Command.KBYE: _p_kbye,
     Command.SCHEDULE: _p_schedule,
     Command.UNSCHEDULE: _p_schedule,
     Command.PUBLISH: _p_publish,

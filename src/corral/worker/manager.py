@@ -31,6 +31,7 @@ from corral.protocol import (
     Heartbeat,
     Inform,
     Kbye,
+    Message,
     ProtocolError,
     Request,
     encode_outcome_error,
@@ -107,6 +108,12 @@ class WorkerManager:
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._draining = False
+        #: False once the grace period is over: jobs that arrive are left to the broker.
+        self._accepting = True
+        #: The broker is corral (not EventMQ's router): it knows corral's commands.
+        self._corral_broker = False
+        self._leave_id = ""
+        self._leave_acked: asyncio.Future[None] | None = None
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -153,13 +160,32 @@ class WorkerManager:
             self._stopped.set()
 
     async def _drain(self) -> None:
+        assert self._loop is not None
+        deadline = self._loop.time() + self.config.grace
+        if self._informed and self._corral_broker:
+            # Step one of the goodbye: the broker stops sending jobs and answers once
+            # every job it sent us is on its way, so those we then have are all of them.
+            self._leave_acked = self._loop.create_future()
+            self._leave_id = new_msgid()
+            self._send_msg(Kbye(self._leave_id, draining=True))
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._leave_acked),
+                    min(self.config.grace, self.config.heartbeat_interval * 2),
+                )
+            except TimeoutError:
+                log.warning("the broker did not answer our goodbye; leaving all the same")
         if self.running:
             log.info(
                 "draining: waiting up to %.0f s for %d running job(s)",
-                self.config.grace,
+                max(0.0, deadline - self._loop.time()),
                 len(self.running),
             )
-            await asyncio.wait(list(self.running.values()), timeout=self.config.grace)
+        while self.running and (left := deadline - self._loop.time()) > 0:
+            await asyncio.wait(
+                list(self.running.values()), timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+        self._accepting = False
         abandoned = list(self.running)
         if abandoned:
             log.warning("grace period over; %d job(s) abandoned to the broker", len(abandoned))
@@ -180,6 +206,16 @@ class WorkerManager:
             send_frames(self._sock, [b"", PROTOCOL, cmd, new_msgid().encode(), *rest])
         except zmq.Again:
             log.warning("send queue to the broker is full; %s dropped", cmd.decode())
+        self._last_sent = time.monotonic()
+        if self._watcher:
+            self._watcher.kick()
+
+    def _send_msg(self, msg: Message) -> None:
+        assert self._sock is not None
+        try:
+            send_frames(self._sock, msg.to_frames())
+        except zmq.Again:
+            log.warning("send queue to the broker is full; %s dropped", msg.command.value)
         self._last_sent = time.monotonic()
         if self._watcher:
             self._watcher.kick()
@@ -222,9 +258,15 @@ class WorkerManager:
         if isinstance(msg, Request):
             self._on_request(msg)
         elif isinstance(msg, Ack):
-            if msg.acked == self._inform_id and not self._informed:
+            if self._leave_acked is not None and msg.acked == self._leave_id:
+                if not self._leave_acked.done():
+                    self._leave_acked.set_result(None)
+            elif msg.acked == self._inform_id and not self._informed:
                 self._informed = True
                 log.info("registered with the broker")
+                # Only a corral broker sends ACK meta: EventMQ's router knows no
+                # corral commands (streams, the two-step goodbye).
+                self._corral_broker = msg.meta is not None
                 self.streams.registered(bool((msg.meta or {}).get("streams")), self._reconnected)
                 self._resend_recent()
                 if not self._draining:
@@ -247,8 +289,11 @@ class WorkerManager:
 
     def _on_request(self, msg: Request) -> None:
         job_id = msg.msgid
-        if self._draining:
-            log.warning("job %s arrived while draining; it stays with the broker", job_id)
+        # While draining a job may still arrive: the broker sent it before it heard we
+        # are leaving. It runs within the grace period like the others; after that the
+        # goodbye tells the broker it is lost.
+        if not self._accepting:
+            log.warning("job %s arrived after the grace period; left to the broker", job_id)
             return
         if job_id in self.running:
             return  # the broker re-sent a job we already run

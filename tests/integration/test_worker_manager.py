@@ -1,0 +1,156 @@
+"""A worker manager against a broker played by the test: what it says, and when."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from corral.protocol import (
+    Abort,
+    Ack,
+    Inform,
+    Kbye,
+    Message,
+    Ready,
+    Reply,
+    Request,
+    RunParams,
+    encode_body,
+    new_msgid,
+    parse,
+    parse_headers,
+)
+from corral.worker.manager import WorkerConfig, WorkerManager
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class Broker:
+    """The backend side of a broker, driven step by step by a test."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.worker = b""
+
+    async def next(self, *kinds: type[Message], timeout: float = 10.0) -> Message:
+        """The next message of one of ``kinds`` (others, e.g. heartbeats, are skipped)."""
+        while True:
+            identity, *frames = await asyncio.wait_for(self.sock.recv_multipart(), timeout)
+            self.worker = identity
+            msg = parse(frames)
+            if isinstance(msg, kinds):
+                return msg
+
+    async def send(self, msg: Message) -> None:
+        await self.sock.send_multipart([self.worker, *msg.to_frames()])
+
+    async def job(self, fn: str, *args: object) -> str:
+        module, _, name = fn.partition(":")
+        job_id = new_msgid()
+        body = encode_body(RunParams(module, name, list(args)))
+        await self.send(Request(job_id, "default", parse_headers("reply-requested"), body))
+        return job_id
+
+
+async def _started(heartbeat: float = 3.0) -> tuple[Broker, WorkerManager, asyncio.Task[None]]:
+    broker = Broker()
+    manager = WorkerManager(
+        WorkerConfig(
+            backend=broker.address,
+            concurrency=1,
+            imports=("corral.examples",),
+            heartbeat_interval=heartbeat,
+        )
+    )
+    task = asyncio.ensure_future(manager.run())
+    inform = await broker.next(Inform, timeout=30)  # the pool starts first
+    await broker.send(Ack(new_msgid(), inform.msgid, {}))  # meta: a corral broker
+    await broker.next(Ready)
+    return broker, manager, task
+
+
+def _value(msg: Message) -> object:
+    assert isinstance(msg, Reply) and msg.result is not None
+    return json.loads(msg.result)
+
+
+async def _stop(broker: Broker, manager: WorkerManager, task: asyncio.Task[None]) -> None:
+    manager.stop()
+    await asyncio.wait_for(task, 30)
+    broker.sock.close(0)
+
+
+def test_a_job_that_arrives_while_draining_still_runs_before_the_goodbye() -> None:
+    async def main() -> None:
+        broker, manager, task = await _started()
+        manager.config.grace = 10.0
+        manager.stop()  # SIGTERM: no READY any more, running jobs get the grace period
+        # The broker sends a job before it reads the worker's first goodbye ...
+        job = await broker.job("corral.examples:sleep", 0.2)
+        leaving = await broker.next(Kbye)
+        assert isinstance(leaving, Kbye) and leaving.draining
+        await broker.send(Ack(new_msgid(), leaving.msgid))  # ... and then sends no more
+        reply = await broker.next(Reply, Kbye)
+        assert isinstance(reply, Reply) and reply.ref == job and _value(reply) == {"value": 0.2}
+        final = await broker.next(Kbye, Ready)
+        assert isinstance(final, Kbye) and not final.draining
+        await asyncio.wait_for(task, 30)
+        broker.sock.close(0)
+
+    asyncio.run(main())
+
+
+def test_without_an_answer_to_its_goodbye_a_worker_leaves_all_the_same() -> None:
+    async def main() -> None:
+        broker, manager, task = await _started()
+        manager.config.heartbeat_interval = 0.2  # it waits for the answer up to 2 intervals
+        manager.stop()
+        assert (await broker.next(Kbye)).draining
+        final = await broker.next(Kbye)  # an EventMQ router would not answer
+        assert not final.draining
+        await asyncio.wait_for(task, 30)
+        broker.sock.close(0)
+
+    asyncio.run(main())
+
+
+def test_abort_kills_the_job_and_frees_its_slot() -> None:
+    async def main() -> None:
+        broker, manager, task = await _started()
+        job = await broker.job("corral.examples:sleep", 30)
+        await asyncio.sleep(0.3)  # let it start: the abort must kill a running process
+        await broker.send(Abort(new_msgid(), job, "cancelled"))
+        reply = await broker.next(Reply, timeout=10)
+        assert reply.ref == job and _value(reply)["error"]["type"] == "JobCancelled"
+        await broker.next(Ready)  # the slot is offered again
+        other = await broker.job("corral.examples:add", 1, 2)
+        reply = await broker.next(Reply)
+        assert reply.ref == other and _value(reply) == {"value": 3}
+        # An abort of a job the worker does not hold changes nothing.
+        await broker.send(Abort(new_msgid(), "not-here", "cancelled"))
+        await _stop(broker, manager, task)
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_lost_its_broker_says_which_jobs_it_still_runs() -> None:
+    async def main() -> None:
+        broker, manager, task = await _started(heartbeat=0.2)  # a silent broker is lost soon
+        job = await broker.job("corral.examples:sleep", 3)
+        again = await broker.next(Inform, timeout=10)
+        assert again.meta is not None and again.meta["running"] == [job]
+        await broker.send(Ack(new_msgid(), again.msgid))
+        await broker.send(Abort(new_msgid(), job, "given to another worker"))
+        reply = await broker.next(Reply)
+        assert reply.ref == job and _value(reply)["error"]["type"] == "JobCancelled"
+        await _stop(broker, manager, task)
+
+    asyncio.run(main())
