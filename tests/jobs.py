@@ -190,3 +190,15 @@ def loud(n: int) -> int:
         print(f"printed {i}")
         logging.getLogger("tests.loud").warning("logged %d", i)
     return n
+
+
+@task
+def headers(n: int, pause: float = 0.01) -> int:
+    """Call ``set_header({"i": i})`` for i in 0..n-1, ``pause`` s apart (so that
+    each is sent on its own rather than coalesced with the next), then end."""
+    from corral import runtime
+
+    for i in range(n):
+        runtime.set_header({"i": i})
+        time.sleep(pause)
+    return n

@@ -438,3 +438,16 @@ def test_stdout_and_logging_records_are_captured(cluster):
     assert printed == ["printed 0", "printed 1", "printed 2"]
     assert logged == [(f"logged {i}", "warning", "tests.loud") for i in range(3)]
     wait_for(lambda: True)
+
+
+def test_more_set_headers_than_the_window_do_not_stall_a_listener(client):
+    window = 10
+    job = client.submit("tests.jobs:headers", 60)
+    live = client.stream(job, window=window, timeout=20)  # from the header on
+    messages = list(client.stream(job, after=0, window=window, timeout=20))  # every item
+    assert isinstance(messages[-1], Close) and messages[-1].outcome == {"value": 60}
+    assert [m.seq for m in messages] == list(range(1, messages[-1].seq + 1))
+    values = [m.value["i"] for m in messages if isinstance(m, Header)]
+    assert len(values) > 2 * window, "too few set_header items to need fresh credit"
+    assert values == sorted(values) and values[-1] == 59
+    contiguous(list(live))

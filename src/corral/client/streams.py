@@ -49,12 +49,21 @@ class ListenerState:
         self.last = after
         self.window = window
         self.codec = codec
+        #: Items received since the last credit grant (what the broker counted).
         self.consumed = 0
         self.closed: Close | None = None
+        #: The next Header is the stream's state (sent ahead of the items, no credit),
+        #: not an item put by ``set_header``: after a fresh listen, and after a gap.
+        self._head = after is None
+        #: A gap was received and its header has not come yet.
+        self._gap = False
+        #: The last thing received was that state header (a gap now is the one after it).
+        self._after_head = False
 
     def listen_frames(self) -> list[bytes]:
         """LISTEN (again, after a reconnect: from the last seq seen, under the same ref)."""
         self.consumed = 0
+        self._head, self._gap, self._after_head = self.last is None, False, False
         params = {"stream": self.job_id, "after": self.last, "window": self.window}
         return Listen(self.ref, "listen", params).to_frames()
 
@@ -78,16 +87,22 @@ class ListenerState:
             raise Rejected(msg.reason, msg.detail, self.job_id)
         if not isinstance(msg, Stream) or msg.ref != self.ref or self.closed is not None:
             return []
+        # The broker sends a listener, each time it starts or restarts it: a gap
+        # (if the items asked for are no longer kept), the header (the stream's
+        # state), and a gap again if the kept items begin later than that header;
+        # then items. Only the items take credit, and a Header put by set_header
+        # is one of them: counting it keeps this side's count equal to the broker's.
         out: list[Message] = []
-        gap = False
         for item in decode_items(msg.batch, self.codec):
+            after_head, self._after_head = self._after_head, False
             if isinstance(item, Gap):
-                gap = True
+                if not after_head:
+                    self._head = self._gap = True  # the header follows
                 out.append(item)
-            elif isinstance(item, Header):
+            elif isinstance(item, Header) and self._head:
+                gap, self._head, self._gap, self._after_head = self._gap, False, False, True
                 if self.last is not None and item.seq <= self.last and not gap:
                     continue  # a second start after a reconnect
-                gap = False
                 self.last = item.seq
                 out.append(item)
             elif isinstance(item, Close):
