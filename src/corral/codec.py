@@ -6,7 +6,9 @@ where ``NAME`` is the name it was registered under (default ``module.QualName``)
 and ``STATE`` is itself encoded by these rules. Decoding looks ``NAME`` up in the
 registry and nowhere else: a name that was not registered, or a version newer
 than the one registered here, raises :class:`CodecError`, and no module is ever
-imported because of what a message says.
+imported because of what a message says. Versions compare part by part, missing
+parts counting as zeros (``"2"``, ``"2.0"`` and ``"2.0.0"`` are the same version;
+a message without ``.version`` is ``"1.0"``).
 
 A class controls its state with ``__getstate__``/``__setstate__`` (or a
 dataclass / ``__dict__`` is used), and may migrate older states in a
@@ -41,6 +43,14 @@ def _version(text: str) -> tuple[int, ...]:
     if not parts or any(p < 0 for p in parts) or len(parts) > 4:
         raise CodecError(f"version {text!r} is not of the form 1 or 1.2 or 1.2.3")
     return parts
+
+
+def _compare(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """-1, 0 or 1 as version ``a`` is older than, the same as or newer than ``b``
+    (missing parts are zeros: ``2`` is ``2.0`` is ``2.0.0``)."""
+    width = max(len(a), len(b))
+    a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
+    return (a > b) - (a < b)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,14 +129,14 @@ class Codec:
                 f"unknown class {name[:200]!r}: only classes registered with "
                 f"corral.codec.register() are decoded (nothing is imported)"
             )
-        parts = _version(version)
-        if parts > entry.parts:
+        order = _compare(_version(version), entry.parts)
+        if order > 0:
             raise CodecError(
                 f"{name} version {version} is newer than the version this reader "
                 f"knows ({entry.version}); upgrade the reader"
             )
         state = self.from_json(value.get(_STATE))
-        if parts < entry.parts:
+        if order < 0:
             upgrade: Callable[[Any, str], Any] | None = getattr(
                 entry.cls, "__codec_upgrade__", None
             )
@@ -171,7 +181,12 @@ def _state(obj: Any) -> Any:
 
 def _build(cls: type, state: Any) -> Any:
     if isinstance(cls, type) and issubclass(cls, msgspec.Struct):
-        return cls(**state)
+        if not isinstance(state, dict):
+            raise CodecError(f"the state of a {cls.__qualname__} must be an object")
+        try:
+            return cls(**state)
+        except TypeError as exc:  # a missing or unexpected field
+            raise CodecError(f"bad state for a {cls.__qualname__}: {exc}") from None
     obj = cls.__new__(cls)
     setstate = getattr(obj, "__setstate__", None)
     if setstate is not None:

@@ -65,6 +65,54 @@ def test_an_older_version_is_upgraded():
     assert codec.decode(codec.encode(Legacy("b"))).name == "b"
 
 
+class Pair(msgspec.Struct):
+    a: int
+    b: int = 0
+
+
+def _message(name: str, version: str | None, state: object = None) -> bytes:
+    value: dict = {".class": name, ".state": {"name": "x"} if state is None else state}
+    if version is not None:
+        value[".version"] = version
+    return json.dumps(value).encode()
+
+
+@pytest.mark.parametrize(
+    ("registered", "sent"),
+    [("2", "2.0"), ("2.0", "2"), ("1", None), ("1.0", None), ("1.2", "1.2.0"), ("3", "3.0.0.0")],
+)
+def test_versions_that_differ_only_by_trailing_zeros_are_the_same(registered, sent):
+    codec = Codec()
+    codec.register(Legacy, version=registered, name="legacy")
+    obj = codec.decode(_message("legacy", sent))  # no upgrade: the state is current
+    assert isinstance(obj, Legacy) and obj.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("registered", "sent", "newer"),
+    [("2", "2.0.1", True), ("2", "1.9", False), ("2.0", "1", False), ("1", "1.0.0.1", True)],
+)
+def test_versions_that_really_differ_are_newer_or_upgraded(registered, sent, newer):
+    codec = Codec()
+    codec.register(Legacy, version=registered, name="legacy")
+    message = _message("legacy", sent, {"old_name": "y"})
+    if newer:
+        with pytest.raises(CodecError, match="newer"):
+            codec.decode(message)
+    else:
+        assert codec.decode(message).name == "y"
+
+
+@pytest.mark.parametrize("state", [[1, 2], "a", 3, None, {"a": 1, "c": 2}, {"b": 1}])
+def test_a_struct_with_a_bad_state_is_a_codec_error(state):
+    codec = Codec()
+    codec.register(Pair, name="pair")
+    assert codec.decode(codec.encode(Pair(1, 2))) == Pair(1, 2)
+    value = {".class": "pair", ".version": "1.0", ".state": state}
+    with pytest.raises(CodecError, match="Pair"):
+        codec.decode(json.dumps(value).encode())
+
+
 @given(st.binary(max_size=200))
 def test_decoding_garbage_is_a_codec_error_or_a_plain_value(data):
     try:
