@@ -363,11 +363,15 @@ class BrokerServer:
     # ------------------------------------------------------------ group commit
 
     def _schedule_commit(self) -> None:
-        # A commit a few milliseconds later carries the submit, the dispatch and
-        # often the outcome of a short job in one transaction instead of three;
-        # only the acknowledgement waits for it, never the job or its result.
-        if self._executor is None or self.commit_delay <= 0 or self.core.held_results:
-            self._commit()  # an outcome is waiting for this commit: do not add delay
+        # Somebody waits for what a commit releases (an acknowledgement, an outcome
+        # held back until its job is acknowledged): commit now. The submits of one
+        # loop turn share that transaction, and while it runs in the writer thread
+        # the next turns' pile up for the one after, so a busy broker still writes
+        # big batches. Changes nobody waits for (dispatches, outcomes of acknowledged
+        # jobs) wait up to ``commit_delay`` to share a transaction.
+        core = self.core
+        if self._executor is None or self.commit_delay <= 0 or core.held_results or core.acks:
+            self._commit()
         elif self._commit_timer is None and not self._committing and self._loop is not None:
             self._commit_timer = self._loop.call_later(self.commit_delay, self._commit)
 
