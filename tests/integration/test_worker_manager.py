@@ -60,7 +60,9 @@ class Broker:
         return job_id
 
 
-async def _started(heartbeat: float = 3.0) -> tuple[Broker, WorkerManager, asyncio.Task[None]]:
+async def _started(
+    heartbeat: float = 3.0, ack_meta: dict | None = None
+) -> tuple[Broker, WorkerManager, asyncio.Task[None]]:
     broker = Broker()
     manager = WorkerManager(
         WorkerConfig(
@@ -72,7 +74,8 @@ async def _started(heartbeat: float = 3.0) -> tuple[Broker, WorkerManager, async
     )
     task = asyncio.ensure_future(manager.run())
     inform = await broker.next(Inform, timeout=30)  # the pool starts first
-    await broker.send(Ack(new_msgid(), inform.msgid, {}))  # meta: a corral broker
+    # Meta: a corral broker (by default one that takes READY only on its own).
+    await broker.send(Ack(new_msgid(), inform.msgid, ack_meta or {}))
     await broker.next(Ready)
     return broker, manager, task
 
@@ -86,6 +89,33 @@ async def _stop(broker: Broker, manager: WorkerManager, task: asyncio.Task[None]
     manager.stop()
     await asyncio.wait_for(task, 30)
     broker.sock.close(0)
+
+
+def test_an_outcome_carries_the_ready_for_its_slot_when_the_broker_offers_it() -> None:
+    async def scenario() -> None:
+        broker, manager, task = await _started(ack_meta={"reply_ready": 1})
+        for n in range(3):
+            job = await broker.job("corral.examples:add", n, 1)
+            # Only REPLY and READY count here: the first one after the job must be
+            # its outcome, with the READY folded into it.
+            reply = await broker.next(Reply, Ready)
+            assert isinstance(reply, Reply) and reply.ref == job and reply.ready
+            assert _value(reply) == {"value": n + 1}
+        await _stop(broker, manager, task)
+
+    asyncio.run(scenario())
+
+
+def test_without_the_offer_an_outcome_is_followed_by_ready() -> None:
+    async def scenario() -> None:
+        broker, manager, task = await _started()
+        job = await broker.job("corral.examples:add", 2, 3)
+        reply = await broker.next(Reply, Ready)
+        assert isinstance(reply, Reply) and reply.ref == job and not reply.ready
+        assert isinstance(await broker.next(Reply, Ready), Ready)
+        await _stop(broker, manager, task)
+
+    asyncio.run(scenario())
 
 
 def test_a_job_that_arrives_while_draining_still_runs_before_the_goodbye() -> None:

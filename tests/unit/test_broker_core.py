@@ -478,6 +478,51 @@ def test_a_leaving_worker_finishes_its_jobs_and_gets_no_new_ones(h):
     assert h.dispatched(h.sent()) == [(b"w2", waiting)]
 
 
+def reply_ready(h, ident, job_id, result=b'{"value": 42}'):
+    h.core.on_backend(
+        ident, [b"", PROTOCOL, b"REPLY", b"x", result, job_id.encode(), b"ready"], h.now
+    )
+
+
+def test_corral_workers_are_offered_ready_with_the_reply(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.inform(b"emq")
+    acks = {i: m.meta for _, i, m in h.sent() if m.command.value == "ACK"}
+    assert acks[b"w1"]["reply_ready"] == 1
+    assert acks[b"emq"] is None  # EventMQ's job managers get a plain ACK
+
+
+def test_a_reply_with_ready_frees_its_slot_for_the_next_job(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    first, second = h.submit(), h.submit()
+    assert h.dispatched(h.sent()) == [(b"w1", first)]
+    reply_ready(h, b"w1", first)
+    out = h.sent()
+    assert [m.ref for m in outcomes(out)] == [first]
+    assert h.dispatched(out) == [(b"w1", second)]
+    reply_ready(h, b"w1", second)
+    assert h.core.workers[b"w1"].slots == 1  # one slot, as READY after REPLY would give
+
+
+def test_a_reply_with_ready_from_a_leaving_worker_gives_no_slot(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    running, waiting = h.submit(), h.submit()
+    h.sent()
+    h.core.on_backend(b"w1", Kbye(new_msgid(), draining=True).to_frames(), h.now)
+    reply_ready(h, b"w1", running)
+    out = h.sent()
+    assert [m.ref for m in outcomes(out)] == [running] and h.dispatched(out) == []
+    assert [j.id for j in h.core.queues["default"].waiting] == [waiting]
+
+
+def test_a_reply_with_ready_from_an_unknown_worker_asks_it_to_register(h):
+    reply_ready(h, b"ghost", new_msgid())
+    errors = [m for _, _, m in h.sent() if m.command.value == "ERROR"]
+    assert [e.reason for e in errors] == ["unknown-worker"]
+
+
 def test_an_eventmq_worker_saying_draining_just_leaves(h):
     h.inform(b"w1")
     h.ready(b"w1")

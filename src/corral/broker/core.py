@@ -180,7 +180,7 @@ class BrokerCore:
         #: Meta sent with the ACK of a corral worker's INFORM (what this broker offers).
         #: What the ACK to a corral worker's INFORM tells it (a corral broker always sends
         #: one, so the worker knows it may use corral's commands); extensions add to it.
-        self.worker_ack_meta: dict[str, Any] = {}
+        self.worker_ack_meta: dict[str, Any] = {"reply_ready": 1}
 
     # ------------------------------------------------------------ entry points
 
@@ -240,6 +240,18 @@ class BrokerCore:
                 self._on_ready(worker, now)
         elif isinstance(msg, Reply):
             self._on_result(identity, worker, msg, now)
+            if msg.ready:
+                # The READY that came with the outcome.
+                if worker is None:
+                    self._refuse(
+                        Dest.BACKEND,
+                        identity,
+                        "unknown-worker",
+                        "READY before INFORM; send INFORM first",
+                        msg.msgid,
+                    )
+                elif not worker.draining:
+                    self._on_ready(worker, now)
         elif isinstance(msg, Inform):
             self._on_worker_inform(identity, msg, now)
         elif isinstance(msg, Heartbeat):

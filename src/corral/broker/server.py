@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from corral._clock import follow_wall_clock
-from corral._loop import has_input, send_frames
+from corral._loop import has_input, recv_frames, send_frames
 from corral.broker.core import BrokerCore, Dest, job_record
 from corral.broker.lines import AddressInUse as LinesInUse
 from corral.broker.lines import LineServer
@@ -284,7 +284,7 @@ class BrokerServer:
         now = time.monotonic()
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 break
             try:

@@ -39,6 +39,7 @@ from corral.protocol import (
     ProtocolError,
     Stream,
     new_msgid,
+    new_tag,
 )
 from corral.store.base import JobRecord
 from corral.store.query import FINISHED_STATES
@@ -105,7 +106,7 @@ class BrokerStreams:
         self.persistent = True
         core.extensions[Command.STREAM] = self.on_stream
         core.extensions[Command.LISTEN] = self.on_listen
-        core.worker_ack_meta = {"streams": 1}
+        core.worker_ack_meta["streams"] = 1
 
     # ------------------------------------------------------------ tokens
 
@@ -318,7 +319,7 @@ class BrokerStreams:
         else:
             text = f"job {name} is not running or queued, or was submitted by another client"
             outcome = msgspec.json.encode({"error": {"type": "NotOwner", "message": text}})
-        frames = [b"", PROTOCOL, _REPLY, new_msgid().encode(), outcome, msg.msgid.encode()]
+        frames = [b"", PROTOCOL, _REPLY, new_tag(), outcome, msg.msgid.encode()]
         self.core.outbox.append((Dest.FRONTEND, identity, frames))
 
     def _zmq_close(self, identity: bytes, ref: str, reason: str, detail: str) -> None:
@@ -478,7 +479,7 @@ class BrokerStreams:
             kind, where, ref = delivery.listener.tag
             if kind == "z":
                 for batch in _batches(delivery):
-                    frames = [b"", PROTOCOL, _STREAM, new_msgid().encode(), ref.encode(), batch]
+                    frames = [b"", PROTOCOL, _STREAM, new_tag(), ref.encode(), batch]
                     outbox.append((Dest.FRONTEND, where, frames))
                 if delivery.ended:
                     self.zmq.pop((where, ref), None)

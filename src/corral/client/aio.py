@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from corral._loop import recv_frames
 from corral.client.job import AsyncJob
 from corral.client.options import broker_address, make_headers, make_request, queue_for
 from corral.client.schedules import schedule_params
@@ -475,7 +476,7 @@ class AsyncClient:
             # Take what has already arrived without a round through the loop each.
             for _ in range(_RECV_BATCH):
                 try:
-                    frames = plain.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(plain)
                 except zmq.Again:
                     break
                 self._on_frames(frames)

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from corral._loop import recv_frames
 from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
@@ -680,7 +681,7 @@ class _IOLoop:
         sock = self.sock
         for _ in range(_RECV_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             self._on_frames(frames)

@@ -12,6 +12,7 @@ from corral.protocol.constants import (
 from corral.protocol.errors import ProtocolError
 from corral.protocol.headers import Headers, parse_headers
 from corral.protocol.messages import (
+    READY_FLAG,
     Abort,
     Ack,
     Disconnect,
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_QUEUE",
     "PROTOCOL",
+    "READY_FLAG",
     "Command",
     "ProtocolError",
     "Headers",

@@ -25,6 +25,9 @@ from corral.protocol.headers import EMPTY, Headers, parse_headers
 
 _json_encode = msgspec.json.encode
 
+#: The third frame of a REPLY that also says "a slot is free" (see :class:`Reply`).
+READY_FLAG = b"ready"
+
 
 def new_msgid() -> str:
     """A fresh uuid4 text: for ids that must be unique everywhere (a job's id is its MSGID)."""
@@ -195,15 +198,22 @@ class Reply(Message):
       ``result`` is ``None``.
     * outcome (worker -> broker, broker -> client): the outcome JSON, then the
       REQUEST's MSGID.
+
+    ``ready`` (a corral worker to a corral broker that offered ``reply_ready`` in
+    its ACK meta): a third frame ``ready`` stands for the READY that would
+    follow, one message instead of two per job.
     """
 
     ref: str = ""
     result: bytes | None = None
+    ready: bool = False
     command = Command.REPLY
 
     def args(self) -> list[bytes]:
         if self.result is None:
             return [self.ref.encode()]
+        if self.ready:
+            return [self.result, self.ref.encode(), READY_FLAG]
         return [self.result, self.ref.encode()]
 
     def outcome(self) -> Outcome:
@@ -503,16 +513,18 @@ def _headers(frame: bytes, msgid: str) -> Headers:
 
 
 def _p_reply(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
-    _arity(cmd, rest, 1, 2, msgid)
+    _arity(cmd, rest, 1, 3, msgid)
     if len(rest) == 1:
         return Reply(msgid, _text(rest[0], "REPLY id", msgid), None)
     ref = _text(rest[1], "REPLY id", msgid)
+    if len(rest) == 3 and rest[2] != READY_FLAG:
+        raise ProtocolError("bad-frames", "a REPLY's third frame can only be 'ready'", msgid)
     try:
         decode_outcome(rest[0])
     except ProtocolError as exc:
         exc.msgid = msgid
         raise
-    return Reply(msgid, ref, rest[0])
+    return Reply(msgid, ref, rest[0], len(rest) == 3)
 
 
 def _p_heartbeat(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:

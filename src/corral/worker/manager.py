@@ -25,6 +25,7 @@ from corral._loop import SocketWatcher, send_frames
 from corral.protocol import (
     DEFAULT_BACKEND,
     PROTOCOL,
+    READY_FLAG,
     Abort,
     Ack,
     Error,
@@ -36,6 +37,7 @@ from corral.protocol import (
     Request,
     encode_outcome_error,
     new_msgid,
+    new_tag,
     parse,
 )
 from corral.worker.pool import Pool
@@ -112,6 +114,8 @@ class WorkerManager:
         self._accepting = True
         #: The broker is corral (not EventMQ's router): it knows corral's commands.
         self._corral_broker = False
+        #: The broker takes READY as a third frame of REPLY (one message per job).
+        self._reply_ready = False
         self._leave_id = ""
         self._leave_acked: asyncio.Future[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -203,7 +207,7 @@ class WorkerManager:
         cmd, *rest = frames
         assert self._sock is not None
         try:
-            send_frames(self._sock, [b"", PROTOCOL, cmd, new_msgid().encode(), *rest])
+            send_frames(self._sock, [b"", PROTOCOL, cmd, new_tag(), *rest])
         except zmq.Again:
             log.warning("send queue to the broker is full; %s dropped", cmd.decode())
         self._last_sent = time.monotonic()
@@ -267,6 +271,7 @@ class WorkerManager:
                 # Only a corral broker sends ACK meta: EventMQ's router knows no
                 # corral commands (streams, the two-step goodbye).
                 self._corral_broker = msg.meta is not None
+                self._reply_ready = bool((msg.meta or {}).get("reply_ready"))
                 self.streams.registered(bool((msg.meta or {}).get("streams")), self._reconnected)
                 self._resend_recent()
                 if not self._draining:
@@ -300,7 +305,7 @@ class WorkerManager:
         try:
             params = msgspec.to_builtins(msg.params())
         except ProtocolError as exc:
-            self._reply(job_id, encode_outcome_error("BadRequest", exc.detail))
+            self._reply(job_id, encode_outcome_error("BadRequest", exc.detail), self._slot_free())
             return
         timeout = msg.headers.timeout or None
         self.streams.start(job_id)
@@ -327,15 +332,23 @@ class WorkerManager:
             future.result() if exc is None else encode_outcome_error(type(exc).__name__, str(exc))
         )
         self.processed += 1
-        self._reply(job_id, outcome)
-        if self._informed and not self._draining:
-            self._send_ready(1)
+        self._reply(job_id, outcome, self._slot_free())
 
-    def _reply(self, job_id: str, outcome: bytes) -> None:
+    def _slot_free(self) -> bool:
+        """Whether a slot that just freed is offered to the broker (READY)."""
+        return self._informed and not self._draining
+
+    def _reply(self, job_id: str, outcome: bytes, ready: bool) -> None:
+        """Send a job's outcome, and READY for its slot when ``ready``."""
         self._recent[job_id] = outcome
         if len(self._recent) > self.config.resend_window:
             self._recent.popitem(last=False)
+        if ready and self._reply_ready:
+            self._send([b"REPLY", outcome, job_id.encode(), READY_FLAG])
+            return
         self._send([b"REPLY", outcome, job_id.encode()])
+        if ready:
+            self._send_ready(1)
 
     def _resend_recent(self) -> None:
         # After a reconnect the outcomes sent just before may have died with
