@@ -124,6 +124,14 @@ _BROKER_OPTIONS = [
         "--fsync", is_flag=True, help="Survive power loss too (SQLite synchronous=FULL); slower."
     ),
     click.option(
+        "--commit-delay",
+        default=2.0,
+        show_default=True,
+        metavar="MS",
+        help="Milliseconds store writes that nobody waits for (dispatches, outcomes) may be "
+        "held to share a transaction; acknowledgements are written at once.",
+    ),
+    click.option(
         "--retry-backoff",
         default=1.0,
         show_default=True,
@@ -306,6 +314,7 @@ def _make_broker(
     data_dir: str | None,
     fsync: bool,
     restore: bool,
+    commit_delay: float,
     retry_backoff: float,
     retry_backoff_cap: float,
     restore_grace: float | None,
@@ -332,6 +341,8 @@ def _make_broker(
         store = open_store(store_url, fsync=fsync)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    if not 0 <= commit_delay <= 1000:
+        raise click.BadParameter("--commit-delay must be 0-1000 ms")
     if not 0 < retry_backoff <= retry_backoff_cap:
         raise click.BadParameter("need 0 < --retry-backoff <= --retry-backoff-cap")
     schedules = SchedulerConfig(builtin=builtin_scheduler, timezone=timezone, missed=missed_ticks)
@@ -361,6 +372,7 @@ def _make_broker(
         admin=admin,
         notify=notify or None,
         store=store,
+        commit_delay=commit_delay / 1000.0,
         retention=keep,
         streams=BrokerStreams(
             core, HubConfig(history=stream_history, listener_queue=stream_queue), stream_token
@@ -478,6 +490,7 @@ _BROKER_KEYS = {
     "data_dir",
     "fsync",
     "restore",
+    "commit_delay",
     "retry_backoff",
     "retry_backoff_cap",
     "restore_grace",
