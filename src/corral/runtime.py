@@ -14,11 +14,22 @@ Inside a job run by a corral worker::
 Every call is cheap and never blocks the job: it encodes the message and puts
 it in a bounded buffer that a thread of the job's process sends on to the
 worker (and the worker to the broker), so a slow broker or listener never
-slows the job. When the buffer is full, new ``log`` and ``emit`` messages are
-dropped and counted, and the stream is told how many (a warning log line);
-``progress`` keeps only the latest value until it is sent, and so does
-``set_header``. Values go through :mod:`corral.codec` (JSON, or registered
-classes); one it cannot encode raises :class:`corral.codec.CodecError` in the job.
+slows the job. What happens when the job produces faster than that:
+
+* ``progress`` keeps only the latest value until it is sent, and so does
+  ``set_header``: they take one place in the buffer each.
+* ``log`` lines are what gives way. A line put when the buffer is full is
+  dropped, and so is the oldest buffered line when an ``emit`` needs its
+  place.
+* ``emit`` partial results are never dropped for log lines. Only when the
+  buffer is full and holds no log line to give way does a new partial result
+  take the place of the latest one still waiting (as ``progress`` does): the
+  latest partial result always reaches the stream.
+
+Both are counted and the stream is told (a warning log line saying how many
+log lines were dropped, and how many partial results were replaced by later
+ones). Values go through :mod:`corral.codec` (JSON, or registered classes);
+one it cannot encode raises :class:`corral.codec.CodecError` in the job.
 
 Outside a job (a plain call, a test, a process the job started) every call
 is a no-op and :func:`current_job` returns ``None``.
@@ -56,12 +67,21 @@ class _Sink:
         self.send = send
         self.max_entries = max_entries
         self.cond = threading.Condition(threading.Lock())
+        #: ``[kind, entry]`` items in order; a log line that gave way has entry None.
         self.buf: deque[list[Any]] = deque()
+        #: Entries in ``buf`` (not counting the log lines that gave way).
+        self.live = 0
+        #: The log lines in ``buf``, oldest first (the first to give way to a partial).
+        self.logs: deque[list[Any]] = deque()
         self.job: str | None = None
-        #: The pending progress (or header) entry, updated in place until sent.
+        #: The pending progress (or header, or latest partial) entry, updated in
+        #: place until sent.
         self.progress: list[Any] | None = None
         self.header: list[Any] | None = None
+        self.partial: list[Any] | None = None
+        #: Log lines dropped, and partial results replaced by later ones, not told yet.
         self.dropped = 0
+        self.coalesced = 0
         self.sending = False
         self.closing = False
         self.pid = os.getpid()
@@ -71,7 +91,7 @@ class _Sink:
     def begin(self, job_id: str) -> None:
         with self.cond:
             self.job = job_id
-            self.dropped = 0
+            self.dropped = self.coalesced = 0
 
     def end(self) -> None:
         """Stop taking messages and wait until everything taken is sent."""
@@ -93,17 +113,39 @@ class _Sink:
             if kind == "header" and self.header is not None:
                 self.header[1] = entry
                 return
-            if len(self.buf) >= self.max_entries and kind in ("log", "partial"):
-                self.dropped += 1
-                return
+            if self.live >= self.max_entries:
+                if kind == "log":
+                    self.dropped += 1
+                    return
+                if kind == "partial" and not self._give_way():
+                    if self.partial is not None:
+                        self.partial[1] = entry
+                        self.coalesced += 1
+                        return
             item = [kind, entry]
             if kind == "progress":
                 self.progress = item
             elif kind == "header":
                 self.header = item
+            elif kind == "partial":
+                self.partial = item
+            else:
+                self.logs.append(item)
             self.buf.append(item)
+            self.live += 1
             if not self.sending:
                 self.cond.notify()
+
+    def _give_way(self) -> bool:
+        """Drop the oldest buffered log line (``False`` if there is none)."""
+        while self.logs:
+            item = self.logs.popleft()
+            if item[1] is not None:
+                item[1] = None
+                self.live -= 1
+                self.dropped += 1
+                return True
+        return False
 
     def _run(self) -> None:
         cond = self.cond
@@ -115,21 +157,25 @@ class _Sink:
                     cond.wait()
                 self.sending = True
                 job = self.job
-                entries = [item[1] for item in self.buf]
+                entries = [item[1] for item in self.buf if item[1] is not None]
                 self.buf.clear()
-                self.progress = self.header = None
+                self.logs.clear()
+                self.live = 0
+                self.progress = self.header = self.partial = None
                 dropped, self.dropped = self.dropped, 0
+                coalesced, self.coalesced = self.coalesced, 0
             if dropped:
                 entries.append(
-                    _encode(
-                        {
-                            "kind": "log",
-                            "text": f"{dropped} stream message(s) dropped: the job "
-                            f"produced them faster than they could be sent",
-                            "level": "warning",
-                            "logger": "corral.runtime",
-                            "time": time.time(),
-                        }
+                    _notice(
+                        f"{dropped} log line(s) dropped: the job produced them "
+                        f"faster than they could be sent"
+                    )
+                )
+            if coalesced:
+                entries.append(
+                    _notice(
+                        f"{coalesced} partial result(s) replaced by later ones: the job "
+                        f"emitted them faster than they could be sent"
                     )
                 )
             try:
@@ -140,6 +186,18 @@ class _Sink:
                 if not self.closing:
                     # Let messages gather into the next batch; end() cuts this short.
                     cond.wait(FLUSH_INTERVAL)
+
+
+def _notice(text: str) -> bytes:
+    """A warning log entry of this module's (what was dropped or replaced)."""
+    entry = {
+        "kind": "log",
+        "text": text,
+        "level": "warning",
+        "logger": "corral.runtime",
+        "time": time.time(),
+    }
+    return _encode(entry)
 
 
 _sink: _Sink | None = None
@@ -191,7 +249,12 @@ def _source_line(text: str, source: str) -> None:
 
 
 def emit(value: Any) -> None:
-    """Publish a partial result (any value :mod:`corral.codec` can encode)."""
+    """Publish a partial result (any value :mod:`corral.codec` can encode).
+
+    Never dropped to make room for log lines; when the buffer is full of
+    partial results, the latest one replaces the one still waiting (counted
+    and told on the stream).
+    """
     sink = _active()
     if sink is not None:
         sink.put("partial", b'{"kind":"partial","value":' + codec.encode(value) + b"}")

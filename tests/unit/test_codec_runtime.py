@@ -167,8 +167,80 @@ def test_runtime_buffer_sends_in_order_coalesces_progress_and_counts_drops():
             got += [json.loads(e) for e in entries]
     assert [e["done"] for e in got if e["kind"] == "progress"] == [0, 2]
     assert [e["text"] for e in got[2:6]] == ["line 0", "line 1", "line 2", "line 3"]
-    assert "6 stream message(s) dropped" in got[-1]["text"]
+    assert "6 log line(s) dropped" in got[-1]["text"]
     assert runtime.current_job() is None
+
+
+def _with_slow_sender(max_entries: int, job) -> list[dict]:
+    """Run ``job`` in a sink whose sender is stuck on its first batch until ``job``
+    returns; the entries sent, in order."""
+    parent, child = socket.socketpair()
+    frames = _Frames()
+    gate = threading.Event()
+
+    def send(payload: bytes) -> None:
+        gate.wait(10)
+        child.sendall(_frame(b"S" + payload))
+
+    sink = runtime._Sink(send, max_entries=max_entries)
+    old, runtime._sink = runtime._sink, sink
+    try:
+        runtime.begin("job-1")
+        runtime.progress(0, 1)
+        deadline = time.monotonic() + 10
+        while (sink.buf or not sink.sending) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the sender holds the first batch
+        assert sink.sending and not sink.buf
+        job()
+        gate.set()
+        runtime.end()
+    finally:
+        runtime._sink, runtime._current = old, None
+    parent.setblocking(False)
+    got = []
+    while True:
+        try:
+            data = parent.recv(1 << 16)
+        except BlockingIOError:
+            break
+        for frame in frames.feed(data):
+            got += [json.loads(e) for e in msgspec.msgpack.decode(frame[1:])[1]]
+    return got[1:]  # after the first progress
+
+
+def test_a_full_buffer_drops_log_lines_for_partial_results_then_keeps_the_latest():
+    def job():
+        for i in range(4):
+            runtime.log(f"line {i}")
+        for i in range(8):  # the first fills the buffer, four take the lines' places
+            runtime.emit({"i": i})
+        runtime.log("late")  # full of partial results: a line is dropped
+
+    got = _with_slow_sender(5, job)
+    partials = [e["value"]["i"] for e in got if e["kind"] == "partial"]
+    assert partials == [0, 1, 2, 3, 7]  # 4, 5 and 6 replaced by the latest
+    notices = [e["text"] for e in got if e["kind"] == "log"]
+    assert len(notices) == 2 and all(e["level"] == "warning" for e in got[-2:])
+    assert notices[0].startswith("5 log line(s) dropped")
+    assert notices[1].startswith("3 partial result(s) replaced by later ones")
+
+
+def test_partial_results_are_all_sent_while_log_lines_can_give_way():
+    def job():
+        for i in range(20):
+            runtime.log(f"line {i}")
+            runtime.emit(i)
+            runtime.progress(i, 20)
+
+    # Room for 30: the 20 partial results and one progress, and what is left of
+    # the lines: the oldest gave way to later partial results, the last were dropped.
+    got = _with_slow_sender(30, job)
+    assert [e["value"] for e in got if e["kind"] == "partial"] == list(range(20))
+    assert [e["done"] for e in got if e["kind"] == "progress"] == [19]
+    lines = [e["text"] for e in got if e["kind"] == "log"]
+    assert lines[:-1] == [f"line {i}" for i in range(6, 15)]
+    assert lines[-1].startswith("11 log line(s) dropped")
+    assert "partial result(s) replaced" not in " ".join(lines)
 
 
 def test_outbox_holds_entries_until_registered_and_resends_after_a_reconnect():
