@@ -7,7 +7,7 @@ import json
 from corral.broker.model import JobState
 from corral.store import JobRecord, Snapshot, WorkerRecord
 from corral.store.memory import MemoryStore
-from tests.unit.test_broker_core import Harness
+from tests.unit.test_broker_core import BODY, Harness
 
 FAIL = b'{"error": {"type": "ValueError", "message": "no", "traceback": ""}}'
 
@@ -98,11 +98,11 @@ def test_worker_ids_stable_and_never_reused():
 
 def _job(id_, state, worker=None, **kw):
     kw.setdefault("headers", "reply-requested")
+    kw.setdefault("body", b"[]")
     return JobRecord(
         id=id_,
         queue="default",
         state=state,
-        body=b"[]",
         submitter=b"c",
         submitted=1.0,
         worker_uuid=worker,
@@ -216,3 +216,64 @@ def test_outcome_for_a_restored_queued_job_takes_it_out_of_its_queue():
     assert h.dispatched(h.sent()) == []
     jobs, _, _ = records(h)
     assert jobs["q1"].state == "succeeded"
+
+
+def test_late_failure_of_a_lost_worker_waits_out_its_backoff_not_in_the_queue():
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3, retry_backoff_base=5.0)
+    h.inform(b"w1", meta={"running": []})
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested,retry-count:2")
+    h.sent()
+    h.now += 4
+    h.core.tick(h.now)  # w1 went silent: its job is queued again (retries left)
+    assert [j.id for j in h.core.queues["default"].waiting] == [job]
+    h.reply(b"w1", job, FAIL)  # ...and then its failure arrives after all
+    assert h.core.jobs[job].state is JobState.RETRYING
+    assert list(h.core.queues["default"].waiting) == []
+    h.inform(b"w2", meta={"running": []})
+    h.ready(b"w2")
+    assert h.dispatched(h.sent()) == []  # the backoff first
+    assert h.core.cancel(job, h.now) == "retrying"
+    h.now += 60
+    h.core.tick(h.now)
+    assert h.dispatched(h.sent()) == [] and job not in h.core.jobs
+
+
+def test_a_duplicate_refusal_is_held_while_the_job_is_unstored():
+    # A client re-sending a job takes "duplicate-id" as its acknowledgement.
+    h = Harness()
+    job = h.submit()
+    h.submit(msgid=job)
+    assert h.core.outbox == []
+    assert [f[2] for _, _, f in h.core.acks] == [b"REPLY", b"ERROR"]
+    h.sent()  # committed and sent
+    h.submit(msgid=job)  # stored by now: refused at once
+    assert [f[2] for _, _, f in h.core.outbox] == [b"ERROR"] and h.core.acks == []
+
+
+def test_restored_retrying_job_keeps_its_backoff():
+    h = Harness(heartbeat_interval=100.0)
+    h.core.wall_offset = 1_000_000.0
+    due_wall = h.now + h.core.wall_offset + 100.0
+    rec = _job("g1", "retrying", attempts=1, body=BODY)
+    rec.not_before = due_wall
+    h.core.restore(Snapshot(jobs=[rec], workers=[]), h.now)
+    h.inform(b"w1")
+    h.ready(b"w1")
+    h.core.tick(h.now + 99)
+    assert h.dispatched(h.sent()) == []
+    h.core.tick(h.now + 100)
+    assert h.dispatched(h.sent()) == [(b"w1", "g1")]
+
+
+def test_a_worker_record_keeps_its_registration_time_and_a_corral_worker_hears_its_id():
+    h = Harness()
+    h.inform(b"w1", meta={"running": []})
+    ack = [m for _, _, m in h.sent() if m.command.value == "ACK"][0]
+    assert ack.meta["id"] == 1
+    registered = h.now
+    h.now += 50
+    h.ready(b"w1")
+    h.core.dirty_workers["w1"] = h.core.workers[b"w1"]
+    _, workers, _ = records(h)
+    assert workers["w1"].registered == registered

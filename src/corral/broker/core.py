@@ -380,6 +380,9 @@ class BrokerCore:
                 "duplicate-id",
                 f"job {msg.msgid} was already submitted",
                 msg.msgid,
+                # A client re-sending a job takes this answer as its acknowledgement:
+                # like the acknowledgement, it waits until the job is stored.
+                held=msg.msgid in self.unacked,
             )
             return
         after = msg.headers.get_all("after")
@@ -502,6 +505,12 @@ class BrokerCore:
         else:
             queue.waiting.append(job)
 
+    def _unqueue(self, job: Job) -> None:
+        """Take a job out of its queue's waiting line (rare, so a linear removal is fine)."""
+        queue = self.queues.get(job.queue)
+        if queue is not None and job in queue.waiting:
+            queue.waiting.remove(job)
+
     def _dispatch(self, job: Job, worker: Worker, queue: Queue, now: float) -> None:
         self._take_slot(worker)
         job.state = JobState.RUNNING
@@ -600,6 +609,10 @@ class BrokerCore:
         if job.worker is not None:
             job.worker.running.pop(job.id, None)
             job.worker = None
+        elif job.state is JobState.QUEUED and job.waiting_on is None:
+            # Requeued when its worker was lost, whose late failure this is: it waits
+            # out the backoff now, not in its queue.
+            self._unqueue(job)
         cfg = self.config
         delay = min(cfg.retry_backoff_cap, cfg.retry_backoff_base * 2 ** (job.attempts - 1))
         delay *= self._rng.uniform(0.5, 1.0)
@@ -624,10 +637,8 @@ class BrokerCore:
         del self.jobs[job.id]
         if job.state is JobState.QUEUED and job.waiting_on is None:
             # Cancelled, or after a restart: the store said "queued" but the job had run
-            # and its worker re-sent the outcome. Rare, so a linear removal is fine.
-            queue = self.queues.get(job.queue)
-            if queue is not None and job in queue.waiting:
-                queue.waiting.remove(job)
+            # and its worker re-sent the outcome.
+            self._unqueue(job)
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
@@ -713,6 +724,7 @@ class BrokerCore:
             now,
             id=self._worker_id(peer_name(identity)),
             corral=msg.meta is not None,
+            registered=now,
         )
         self.workers[identity] = worker
         self.dirty_workers[worker.name] = worker
@@ -735,7 +747,7 @@ class BrokerCore:
             log.info("worker %s is back after the restart and keeps %d job(s)", worker.name, kept)
         for weight, name in queues:
             self._queue(name).add(weight, worker)
-        meta = self.worker_ack_meta if worker.corral else None
+        meta = {**self.worker_ack_meta, "id": worker.id} if worker.corral else None
         self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid, meta).to_frames()))
         # EventMQ job managers start their processes on the first HEARTBEAT.
         self.outbox.append((Dest.BACKEND, identity, _heartbeat(repr(now).encode())))
@@ -1085,10 +1097,13 @@ class BrokerCore:
         ref: str,
         *,
         log_it: bool = True,
+        held: bool = False,
     ) -> None:
+        """Answer with an ERROR; ``held``: send it with the acknowledgements of the next commit."""
         if log_it:
             log.info("refused a message from %s: %s (%s)", peer_name(identity[:64]), reason, detail)
-        self.outbox.append((dest, identity, Error(new_msgid(), reason, detail, ref).to_frames()))
+        error = (dest, identity, Error(new_msgid(), reason, detail, ref).to_frames())
+        (self.acks if held else self.outbox).append(error)
 
     def _send_json(self, dest: Dest, identity: bytes, payload: Any) -> None:
         self.outbox.append(
@@ -1121,7 +1136,7 @@ class BrokerCore:
                 uuid=w.name,
                 id=w.id,
                 queues=msgspec.json.encode(w.queues).decode(),
-                registered=w.last_seen + self.wall_offset,
+                registered=w.registered + self.wall_offset,
                 last_seen=w.last_seen + self.wall_offset,
                 active=w.identity in self.workers,
             )
@@ -1172,9 +1187,11 @@ class BrokerCore:
                 jobs.append(job)
                 self.orphans[job.worker_uuid] = (due, jobs)
             elif job.state is JobState.RETRYING:
-                job.not_before = now
+                # The backoff goes on where it was (a broker down for longer: due now).
+                due = now if rec.not_before is None else rec.not_before - self.wall_offset
+                job.not_before = due
                 self._retry_seq += 1
-                heapq.heappush(self._retry_heap, (now, self._retry_seq, job))
+                heapq.heappush(self._retry_heap, (due, self._retry_seq, job))
             elif job.state is JobState.QUEUED and job.headers.get_all("after"):
                 blocked.append(job)  # its dependencies are checked once all jobs are back
             else:

@@ -74,6 +74,8 @@ class Worker:
     #: Jobs this worker was told to ABORT: their (cancelled) outcomes are not the job's.
     aborted: set[str] = field(default_factory=set)
     processed: int = 0
+    #: Monotonic time it (last) registered, i.e. sent INFORM.
+    registered: float = 0.0
 
     @property
     def name(self) -> str:
