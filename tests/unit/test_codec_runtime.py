@@ -296,3 +296,125 @@ def test_entries_held_while_registering_are_all_sent_even_past_the_kept_window()
     asyncio.run(run())
     (batch,) = [json.loads(frames[1]) for frames in sent]
     assert batch[0][2] == 1 and [e["text"] for e in batch[0][3]] == ["0", "1", "2", "3", "4"]
+
+
+def _log(text: str) -> bytes:
+    return b'{"kind":"log","text":"%s"}' % text.encode()
+
+
+def _partial(value: str) -> bytes:
+    return b'{"kind":"partial","value":"%s"}' % value.encode()
+
+
+def _sent_groups(sent: list[list[bytes]]) -> list[list]:
+    return [group for frames in sent for group in json.loads(frames[1])]
+
+
+def _show(entry: dict) -> str:
+    if entry["kind"] == "log" and entry.get("logger") == "corral.worker":
+        return "dropped " + entry["text"].split()[0]
+    return entry.get("text") or entry.get("value")
+
+
+def test_outbox_held_for_a_broker_away_is_capped_dropping_the_oldest_log_lines_first():
+    sent: list[list[bytes]] = []
+
+    async def run():
+        box = StreamOutbox(sent.append, max_pending=5)
+        box.registered(True, again=False)
+        box.start("j1")
+        box.start("j2")
+        box.add("j1", [_log("a")])
+        await asyncio.sleep(0)  # sent: pseq 1 of j1
+        box.registering()  # the broker is gone; the worker registers again and again
+        box.add("j1", [_log("L0"), _log("L1")])
+        box.add("j2", [_partial("P0")])
+        box.add("j1", [_log("L2")])
+        box.add("j2", [_log("L3")])
+        box.add("j1", [_partial("X0"), _partial("X1")])  # the oldest two lines go
+        assert box.held == 5 and box.dropped == 2
+        box.add("j1", [_partial("X2"), _partial("X3")])  # the last two lines go
+        box.add("j2", [_partial("P1")])  # no line left: the oldest entry goes
+        assert box.held == 5 and box.dropped == 5
+        await asyncio.sleep(0)
+        assert len(sent) == 1  # nothing before the broker answers
+        box.registered(True, again=True)
+        return box
+
+    box = asyncio.run(run())
+    assert box.held == 0 and not box.pending
+    first, (j1, j2) = _sent_groups(sent[:1]), _sent_groups(sent[1:])
+    assert [g[2] for g in first] == [1]
+    assert (j1[0], j1[2], j2[0], j2[2]) == ("j1", 1, "j2", 1)  # j1's kept "a" sent again
+    assert [_show(e) for e in j1[3]] == ["a", "dropped 3", "X0", "X1", "X2", "X3"]
+    assert [_show(e) for e in j2[3]] == ["dropped 2", "P1"]
+    assert all(e["level"] == "warning" for e in (j1[3][1], j2[3][0]))
+
+
+def test_outbox_stays_bounded_over_a_long_outage_and_numbers_what_is_left_in_order():
+    sent: list[list[bytes]] = []
+    longest = 0
+
+    async def run():
+        nonlocal longest
+        box = StreamOutbox(sent.append, max_pending=100)
+        box.registered(True, again=False)
+        box.start("j")
+        box.add("j", [_log(f"before {i}") for i in range(3)])
+        await asyncio.sleep(0)
+        box.registering()
+        for i in range(20_000):
+            box.add("j", [_log(str(i))])
+            longest = max(longest, len(box.pending))
+        box.registered(True, again=True)
+        box.finish("j")
+        return box
+
+    box = asyncio.run(run())
+    assert box.dropped == 20_000 - 100 and longest < 100 + 2 * 1024
+    (group,) = _sent_groups(sent[1:])
+    # Resent: the 3 kept from before (pseq 1-3), then the notice and the last 100 (4-104).
+    assert group[2] == 1 and len(group[3]) == 3 + 1 + 100
+    assert [_show(e) for e in group[3][:5]] == [
+        "before 0",
+        "before 1",
+        "before 2",
+        "dropped 19900",
+        "19900",
+    ]
+    assert group[3][-1]["text"] == "19999"
+
+
+def test_a_broker_takes_what_the_outbox_resends_after_drops_once_and_without_a_gap():
+    from corral.protocol import Stream, new_msgid
+    from tests.unit.test_broker_streams import Broker
+
+    b = Broker()
+    b.worker()
+    job = b.submit()
+    b.commit()
+
+    def to_broker(frames: list[bytes]) -> None:
+        assert frames[0] == b"STREAM"
+        b.core.on_backend(b"w1", Stream(new_msgid(), "", frames[1]).to_frames(), b.now)
+
+    async def run():
+        box = StreamOutbox(to_broker, max_pending=3)
+        box.registered(True, again=False)
+        box.start(job)
+        box.add(job, [_log("a"), _partial("b")])
+        await asyncio.sleep(0)
+        box.registering()
+        box.add(job, [_log(str(i)) for i in range(10)] + [_partial("c")])
+        box.registered(True, again=True)  # a, b again (taken once), the notice, 8, 9, c
+
+    asyncio.run(run())
+    b.commit()
+    b.sent()
+    b.listen(job, after=0)
+    got = [m for m in b.deliveries() if type(m).__name__ in ("Log", "Partial")]
+    texts = [getattr(m, "text", None) or getattr(m, "value", None) for m in got]
+    assert texts[:2] == ["a", "b"] and texts[3:] == ["8", "9", "c"]
+    assert texts[2].startswith("8 stream message(s) dropped")
+    assert [m.seq for m in got] == [1, 2, 3, 4, 5, 6]  # no "lost on the way" warning
+    assert b.streams.stats["entries_resent"] == 2
