@@ -758,19 +758,27 @@ def cancel_cmd(job_id: str, address: str | None, as_json: bool) -> None:
     help="Delete records of jobs that ended longer ago than this (e.g. 90s, 30m, 12h, 7d).",
 )
 @_BROKER_OPTION
-def purge_cmd(older_than: str, address: str | None) -> None:
+@_JSON_OPTION
+def purge_cmd(older_than: str, address: str | None, as_json: bool) -> None:
     """Delete the records (and results) of jobs that ended long ago."""
     seconds = parse_duration(older_than, "--older-than")
-    purged = _client_call(address, "purge", seconds)
-    click.echo(f"purged {purged} job record(s) that ended over {older_than} ago")
+    answer = _client_call(address, "query", "purge", older_than=seconds)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+        return
+    click.echo(f"purged {answer['purged']} job record(s) that ended over {older_than} ago")
 
 
 @main.command("retry")
 @click.argument("job_id")
 @_BROKER_OPTION
-def retry_cmd(job_id: str, address: str | None) -> None:
+@_JSON_OPTION
+def retry_cmd(job_id: str, address: str | None, as_json: bool) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
     info = _client_call(address, "retry", job_id)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
     click.echo(f"job {info['id']} is {info['state']} again")
 
 

@@ -138,9 +138,16 @@ def test_purge_removes_old_records_only(up):
         assert waiting.wait_acknowledged(10)
         out = cli(up, "purge", "--older-than", "1h")
         assert out.returncode == 0 and "purged 0" in out.stdout
+        out = cli(up, "purge", "--older-than", "1h", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout) == {"purged": 0}, out.stdout
         assert client.job_info(done.id)["state"] == "succeeded"
         out = cli(up, "purge", "--older-than", "0s")
         assert out.returncode == 0 and "purged 1" in out.stdout, out.stdout
+        assert client.job_info(waiting.id)["state"] == "queued"
+        done = client.submit("corral.examples:add", 1, 1)
+        assert done.result(timeout=10) == 2
+        out = cli(up, "purge", "--older-than", "0s", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout) == {"purged": 1}, out.stdout
         with pytest.raises(JobFailed) as info:
             client.job_info(done.id)
         assert info.value.type == "NotFound"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 
@@ -61,13 +62,23 @@ def test_retries_then_dead_then_retry(cluster, client):
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
-    wait_for(
-        lambda: (
-            client.job_info(job.id)["state"] == "dead" and client.job_info(job.id)["attempts"] == 3
-        ),
+    assert out.stdout.strip() in (f"job {job.id} is {s} again" for s in ("queued", "running"))
+
+    def dead_again() -> bool:
+        info = client.job_info(job.id)
+        return info["state"] == "dead" and info["attempts"] == 3
+
+    wait_for(dead_again, timeout=30, what="retried job dead again")
+    out = subprocess.run(
+        corral_cmd("retry", job.id, "--json", "--broker", cluster.addrs.frontend),
+        capture_output=True,
+        text=True,
         timeout=30,
-        what="retried job dead again",
     )
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["id"] == job.id and answer["state"] in ("queued", "running"), answer
+    wait_for(dead_again, timeout=30, what="retried job dead once more")
     with pytest.raises(JobFailed) as info:
         client.retry(client.submit("corral.examples:add", 1, 1).id)
     assert info.value.type in ("NotRetryable", "NotFound")
