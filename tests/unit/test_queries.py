@@ -183,3 +183,25 @@ def test_any_query_gets_one_answer_and_never_an_exception(kind, op, params):
         "NotRetryable",
         "NotAvailable",
     )
+
+
+def test_a_job_that_ends_while_its_outcome_is_looked_up_is_answered_finished():
+    # The store read runs in another thread; a job can end meanwhile, too late to be
+    # listened to. Its outcome must then be in the answer, or the caller waits forever.
+    h = Harness()
+    server, store = _server(h)
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested")
+    h.sent()
+    queries = server.queries
+    read = queries.run_in_thread
+
+    async def read_while_the_job_ends(fn, *args):
+        if job in h.core.jobs:
+            h.reply(b"w1", job)
+        return await read(fn, *args)
+
+    queries.run_in_thread = read_while_the_job_ends
+    answer = asyncio.run(queries.op_outcomes([job], listen=True))
+    assert answer == {"finished": {job: {"value": 42}}, "unknown": []}

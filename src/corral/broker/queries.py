@@ -226,6 +226,17 @@ class QueryHandler:
             caller = _caller.get()
             for job_id in ids:
                 self.core.listen(job_id, caller)
+        # Jobs that ended during the read: too late to listen to, so read them as well.
+        late = [i for i in ids if i not in records and i not in self.core.jobs and i not in wanted]
+        if late:
+            newer = self.unstored()
+            records.update((i, newer[i]) for i in late if i in newer)
+            stored = [i for i in late if i not in records]
+            if stored:
+                records.update(
+                    (rec.id, rec) for rec in await self.run_in_thread(self.store.get_jobs, stored)
+                )
+            wanted += late
         for job_id in wanted:
             if job_id in self.core.jobs:
                 continue  # submitted, restored or retried meanwhile: it is not over
