@@ -7,6 +7,7 @@ kills the whole group, so a failing test leaves no pool processes behind.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,35 @@ from corral.admin import AdminError, admin_request
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+#: Ports the tests bind come from below the kernel's ephemeral range: a port the
+#: kernel hands out can be taken by any outgoing connection (another test's client)
+#: between the moment it is picked here and the moment a broker binds it.
+_LOW, _HIGH = 20000, max(20001, min(_ephemeral_range()[0], 32768))
+_picked: set[int] = set()
+
+
 def free_addr() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """A loopback address nothing listens on, not from the ephemeral range."""
+    for _ in range(1000):
+        port = random.randrange(_LOW, _HIGH)
+        if port in _picked:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _picked.add(port)
+        return f"tcp://127.0.0.1:{port}"
+    raise RuntimeError("no free loopback port found")
 
 
 def wait_for(
