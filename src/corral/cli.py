@@ -245,10 +245,11 @@ _WORKER_OPTIONS = [
     ),
     click.option(
         "--prefetch",
-        default=0,
-        show_default=True,
-        help="Jobs held beyond the number of processes: more throughput for "
-        "short jobs, but a prefetched job may wait behind a long one.",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Jobs held beyond the number of processes, so a process that finishes "
+        "starts the next job at once [default: one per process]. A corral broker takes "
+        "a prefetched job back as soon as a process elsewhere is idle; 0 holds none.",
     ),
     click.option(
         "--grace",
@@ -397,7 +398,7 @@ def _make_worker(
     imports: tuple[str, ...],
     allow: tuple[str, ...],
     max_jobs_per_child: int | None,
-    prefetch: int,
+    prefetch: int | None,
     grace: float,
     heartbeat: float,
     identity: str | None = None,

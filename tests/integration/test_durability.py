@@ -137,13 +137,13 @@ def test_corral_up_killed_with_sigkill_restarts_on_the_same_ports_at_once(cluste
         "2",
     )
     up = cluster.start("up", args)
-    wait_for(lambda: cluster.free_slots() == 2, what="corral up to serve", procs=[up])
+    wait_for(lambda: cluster.free_slots() >= 2, what="corral up to serve", procs=[up])
     with corral.Client(cluster.addrs.frontend) as client:
         assert client.submit("corral.examples:add", 1, 1).result(timeout=10) == 2
     up.send_signal(signal.SIGKILL)  # the main process only, not its group
     up.wait(5)
     again = cluster.start("up", args)
-    wait_for(lambda: cluster.free_slots() == 2, timeout=20, what="a new corral up", procs=[again])
+    wait_for(lambda: cluster.free_slots() >= 2, timeout=20, what="a new corral up", procs=[again])
     with corral.Client(cluster.addrs.frontend) as client:
         assert client.submit("corral.examples:add", 2, 2).result(timeout=10) == 4
 

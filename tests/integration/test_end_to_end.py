@@ -93,14 +93,19 @@ def test_async_job_without_reply_is_done_once_stored(up):
     asyncio.run(main())
 
 
-def test_higher_weight_queue_first(up):
+def test_higher_weight_queue_first(cluster):
+    cluster.broker()
+    up = cluster
+    up.worker("--prefetch", "0", concurrency=2, imports=("corral.examples", "tests.jobs"))
     with corral.Client(up.addrs.frontend) as client:
         # Occupy both slots, queue low then high; the high one runs first.
         blockers = [client.submit("corral.examples:sleep", 0.5) for _ in range(2)]
         wait_for(lambda: up.free_slots() == 0, what="slots busy")
         low = client.submit("tests.jobs:stamp", queue="low")
         high = client.submit("tests.jobs:stamp", queue="high")
-        up.worker("--queues", "high:20,low:5", concurrency=1, imports=("tests.jobs",))
+        up.worker(
+            "--queues", "high:20,low:5", "--prefetch", "0", concurrency=1, imports=("tests.jobs",)
+        )
         t_high, t_low = high.result(timeout=10), low.result(timeout=10)
         assert t_high < t_low
         for b in blockers:

@@ -69,15 +69,26 @@ def test_a_handle_survives_a_broker_restart(cluster):
 
 def test_cancel_queued_running_and_finished_jobs(up):
     with corral.Client(up.addrs.frontend) as client:
+        # Two processes run two jobs, two more wait in the worker (prefetched), one in
+        # the broker's queue.
         running = [client.submit("corral.examples:sleep", 30) for _ in range(2)]
+        prefetched = [client.submit("corral.examples:sleep", 30) for _ in range(2)]
         queued = client.submit("corral.examples:sleep", 30)
         wait_for(lambda: all(j.state == "running" for j in running), what="both slots busy")
+        wait_for(lambda: up.free_slots() == 0, what="the prefetch slots taken")
         assert client.job_info(queued.id)["state"] == "queued"
+        assert [client.job_info(j.id)["started"] for j in prefetched] == [None, None]
         answer = client.cancel(queued.id)
         assert answer["cancelled"] and answer["was"] == "queued"
         with pytest.raises(JobFailed) as info:
             queued.result(timeout=5)
         assert info.value.type == "JobCancelled"
+        for job in prefetched:
+            answer = client.cancel(job.id)  # never started: no process to kill
+            assert answer["cancelled"] and answer["was"] == "queued"
+            with pytest.raises(JobFailed) as info:
+                job.result(timeout=5)
+            assert info.value.type == "JobCancelled"
         out = cli(up, "cancel", running[0].id)
         assert out.returncode == 0 and "cancelled" in out.stdout, out.stderr
         with pytest.raises(JobFailed) as info:

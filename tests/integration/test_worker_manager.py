@@ -61,7 +61,7 @@ class Broker:
 
 
 async def _started(
-    heartbeat: float = 3.0, ack_meta: dict | None = None
+    heartbeat: float = 3.0, ack_meta: dict | None = None, prefetch: int = 0
 ) -> tuple[Broker, WorkerManager, asyncio.Task[None]]:
     broker = Broker()
     manager = WorkerManager(
@@ -70,13 +70,15 @@ async def _started(
             concurrency=1,
             imports=("corral.examples",),
             heartbeat_interval=heartbeat,
+            prefetch=prefetch,
         )
     )
     task = asyncio.ensure_future(manager.run())
     inform = await broker.next(Inform, timeout=30)  # the pool starts first
     # Meta: a corral broker (by default one that takes READY only on its own).
     await broker.send(Ack(new_msgid(), inform.msgid, ack_meta or {}))
-    await broker.next(Ready)
+    for _ in range(1 + prefetch):  # concurrency 1
+        await broker.next(Ready)
     return broker, manager, task
 
 

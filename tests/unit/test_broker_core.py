@@ -529,3 +529,111 @@ def test_an_eventmq_worker_saying_draining_just_leaves(h):
     h.submit()
     h.core.on_backend(b"w1", Kbye(new_msgid(), draining=True).to_frames(), h.now)
     assert b"w1" not in h.core.workers
+
+
+# ---------------------------------------------------------------- prefetch and recall
+
+
+def corral_worker(h, ident, processes, slots):
+    h.inform(ident, meta={"running": [], "concurrency": processes})
+    h.ready(ident, slots)
+
+
+def recalls(messages):
+    return [(i, m.ref) for d, i, m in messages if m.command.value == "RECALL"]
+
+
+def release(h, ident, job_id):
+    h.core.on_backend(ident, [b"", PROTOCOL, b"RELEASE", b"x", job_id.encode()], h.now)
+
+
+def test_a_job_goes_to_an_idle_process_before_a_prefetch_slot(h):
+    corral_worker(h, b"w1", 1, 2)
+    first = h.submit()
+    assert h.dispatched(h.sent()) == [(b"w1", first)]
+    corral_worker(h, b"w2", 1, 2)
+    h.sent()
+    # w1 has a free slot, but only a prefetch one: w2's idle process comes first.
+    second = h.submit()
+    assert h.dispatched(h.sent()) == [(b"w2", second)]
+    third = h.submit()  # now both are busy: a prefetch slot it is
+    assert [j for _, j in h.dispatched(h.sent())] == [third]
+
+
+def test_an_idle_process_recalls_a_job_prefetched_behind_a_long_one(h):
+    corral_worker(h, b"w1", 1, 2)
+    long_job, short_job = h.submit(), h.submit()
+    assert h.dispatched(h.sent()) == [(b"w1", long_job), (b"w1", short_job)]
+    corral_worker(h, b"w2", 1, 1)  # nothing waits in the queue for it...
+    out = h.sent()
+    assert recalls(out) == [(b"w1", short_job)]  # ...but w1 holds one it cannot start
+    corral_worker(h, b"w3", 1, 1)
+    assert recalls(h.sent()) == []  # one job to give, already asked for
+    release(h, b"w1", short_job)
+    out = h.sent()
+    moved = h.dispatched(out)
+    assert len(moved) == 1 and moved[0][1] == short_job and moved[0][0] in (b"w2", b"w3")
+    job = h.core.jobs[short_job]
+    assert job.attempts == 1 and short_job not in h.core.workers[b"w1"].running
+    assert h.core.stats.recalled == 1 and h.core.stats.released == 1
+    reply_ready(h, moved[0][0], short_job)
+    assert [m.ref for m in outcomes(h.sent())] == [short_job]
+
+
+def test_a_recalled_job_that_had_started_just_finishes_where_it_is(h):
+    corral_worker(h, b"w1", 1, 2)
+    first, second = h.submit(), h.submit()
+    h.sent()
+    corral_worker(h, b"w2", 1, 1)
+    assert recalls(h.sent()) == [(b"w1", second)]
+    reply_ready(h, b"w1", first)
+    h.sent()
+    reply_ready(h, b"w1", second)  # it had started by the time the recall came
+    assert [m.ref for m in outcomes(h.sent())] == [second]
+    release(h, b"w1", second)  # a late or stray release changes nothing
+    assert second not in h.core.jobs and h.core.stats.released == 0
+    assert not h.core._recalling
+
+
+def test_a_leaving_worker_hands_back_what_it_has_not_started(h):
+    corral_worker(h, b"w1", 1, 2)
+    running, waiting = h.submit(), h.submit()
+    h.sent()
+    h.core.on_backend(b"w1", Kbye(new_msgid(), draining=True).to_frames(), h.now)
+    release(h, b"w1", waiting)
+    assert [j.id for j in h.core.queues["default"].waiting] == [waiting]
+    corral_worker(h, b"w2", 1, 1)
+    assert h.dispatched(h.sent()) == [(b"w2", waiting)]
+    assert h.core.jobs[running].worker is h.core.workers[b"w1"]
+
+
+def test_workers_that_do_not_say_their_processes_are_never_asked_back(h):
+    h.inform(b"emq")  # an EventMQ job manager
+    h.ready(b"emq", 2)
+    h.submit(), h.submit()
+    h.sent()
+    corral_worker(h, b"w2", 1, 1)
+    assert recalls(h.sent()) == []
+
+
+def test_a_prefetched_job_starts_when_the_job_ahead_of_it_ends(h):
+    corral_worker(h, b"w1", 1, 2)
+    first, second = h.submit(), h.submit()
+    h.sent()
+    jobs = h.core.jobs
+    assert jobs[first].started == h.now and jobs[second].started is None
+    h.now += 5
+    reply_ready(h, b"w1", first)
+    assert jobs[second].started == h.now
+    assert h.core.cancel(second, h.now) == "running"  # it had started by then
+
+
+def test_cancelling_a_prefetched_job_says_it_never_started(h):
+    corral_worker(h, b"w1", 1, 2)
+    h.submit()
+    waiting = h.submit()
+    h.sent()
+    assert h.core.cancel(waiting, h.now) == "queued"
+    assert [(i, m.ref) for d, i, m in h.sent() if m.command.value == "ABORT"] == [
+        (b"w1", waiting)
+    ]

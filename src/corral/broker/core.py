@@ -39,6 +39,8 @@ from corral.protocol import (
     ProtocolError,
     Query,
     Ready,
+    Recall,
+    Release,
     Reply,
     Request,
     Schedule,
@@ -114,6 +116,10 @@ class Stats:
     requeued: int = 0
     retried: int = 0
     dead: int = 0
+    #: Prefetched jobs asked back from a worker for an idle process elsewhere,
+    #: and jobs workers handed back unstarted (recalled, or leaving).
+    recalled: int = 0
+    released: int = 0
 
 
 class BrokerCore:
@@ -153,6 +159,10 @@ class BrokerCore:
         #: Jobs restored as running, by the uuid of the worker that had them,
         #: with the time by which that worker must be back.
         self.orphans: dict[str, tuple[float, list[Job]]] = {}
+        #: Workers that may hold prefetched jobs (more running than processes), and
+        #: jobs asked back from them (RECALL) with no answer yet.
+        self._overbooked: set[Worker] = set()
+        self._recalling: dict[str, Worker] = {}
         #: Recently finished jobs: id -> final state (``None`` when restored from the
         #: store by id only). Refuses reused ids and answers dependency checks.
         self._recent: OrderedDict[str, str | None] = OrderedDict()
@@ -263,6 +273,8 @@ class BrokerCore:
                     "HEARTBEAT from a worker that has not INFORMed",
                     msg.msgid,
                 )
+        elif isinstance(msg, Release):
+            self._on_release(identity, worker, msg, now)
         elif isinstance(msg, Kbye):
             if worker is not None and msg.draining and worker.corral:
                 self._drain_worker(worker, msg)
@@ -481,8 +493,12 @@ class BrokerCore:
         if job is None:
             return None
         previous = job.state.value
+        if job.state is JobState.RUNNING and job.started is None:
+            previous = "queued"  # prefetched: waiting in its worker, never started
         if job.state is JobState.RUNNING and job.worker is not None:
-            self._abort(job.worker, job.id, "cancelled")
+            worker = job.worker
+            self._abort(worker, job.id, "cancelled")
+            self._promote(worker, now)
             job.worker = None
         result = encode_outcome_error("JobCancelled", f"job {job.id} was cancelled ({previous})")
         self._finish(job, result, "JobCancelled", now)
@@ -518,8 +534,13 @@ class BrokerCore:
         job.worker_uuid = worker.name
         job.worker_id = worker.id
         job.attempts += 1
-        job.started = now
-        job.started_at = now + self.wall_offset
+        if worker.concurrency and len(worker.running) >= worker.concurrency:
+            # Prefetched: it starts when a job ahead of it ends (see _promote).
+            job.started = job.started_at = None
+            self._overbooked.add(worker)
+        else:
+            job.started = now
+            job.started_at = now + self.wall_offset
         worker.running[job.id] = job
         self.dirty[job.id] = job
         frames = job.frames
@@ -540,7 +561,64 @@ class BrokerCore:
                     self._dispatch(queue.waiting.popleft(), worker, queue, now)
                     break
             else:
+                if self._overbooked and worker.idle_processes > 0:
+                    self._recall_for(worker)
                 return
+
+    # ------------------------------------------------------------ prefetch
+
+    def _recall_for(self, idle: Worker) -> None:
+        """``idle`` has a process with nothing to do: ask prefetched jobs of its queues back.
+
+        A job prefetched by a busy worker waits behind that worker's running jobs;
+        while a process elsewhere is idle, it should run there. The worker hands
+        back the jobs it has not started (RELEASE) and they go to the front of
+        their queue, so the idle worker gets them.
+        """
+        budget = idle.idle_processes - len(self._recalling)
+        if budget <= 0:
+            return
+        names = {name for _, name in idle.queues}
+        for holder in list(self._overbooked):
+            if (
+                holder is idle
+                or self.workers.get(holder.identity) is not holder
+                or len(holder.running) <= holder.concurrency
+            ):
+                self._overbooked.discard(holder)
+                continue
+            # The newest jobs sent are the ones behind the others (a worker runs in order).
+            extra = len(holder.running) - holder.concurrency
+            for job in reversed(list(holder.running.values())):
+                if extra <= 0 or budget <= 0:
+                    break
+                extra -= 1
+                if job.queue not in names or job.id in self._recalling:
+                    continue
+                self._recalling[job.id] = holder
+                self.stats.recalled += 1
+                budget -= 1
+                self.outbox.append(
+                    (Dest.BACKEND, holder.identity, Recall(new_tag().decode(), job.id).to_frames())
+                )
+            if budget <= 0:
+                return
+
+    def _on_release(self, identity: bytes, worker: Worker | None, msg: Release, now: float) -> None:
+        """A worker hands back a job it had not started: queue it again, at the front."""
+        self._recalling.pop(msg.ref, None)
+        job = self.jobs.get(msg.ref)
+        if worker is None or job is None or job.worker is not worker:
+            # It ended or went elsewhere meanwhile (the worker was given up for lost).
+            log.debug("release of job %s from %s ignored", msg.ref, peer_name(identity))
+            return
+        del worker.running[job.id]
+        self._promote(worker, now)
+        self.stats.released += 1
+        job.attempts -= 1  # it never ran
+        job.started = job.started_at = None
+        job.worker_uuid = job.worker_id = None
+        self._enqueue(job, now, front=True)
 
     def _on_result(self, identity: bytes, worker: Worker | None, msg: Reply, now: float) -> None:
         if msg.result is None:
@@ -585,12 +663,31 @@ class BrokerCore:
             )
             if holder is not None:
                 self._abort(holder, job.id, "finished elsewhere")
+                self._promote(holder, now)
         if worker is not None:
             worker.processed += 1
         if error_type is not None and error_type not in _FINAL_ERRORS and self._retries_left(job):
             self._retry_later(job, msg.result, error_type, now)
         else:
             self._finish(job, msg.result, error_type, now)
+
+    def _promote(self, worker: Worker, now: float) -> None:
+        """A job of ``worker`` ended: the next one it holds has started (it runs in order).
+
+        Prefetched jobs have no start time until then, so ``started`` is when a
+        process took the job, not when it reached the worker.
+        """
+        free = worker.concurrency
+        if not free or len(worker.running) <= 0:
+            return
+        for job in worker.running.values():
+            if job.started is None:
+                job.started = now
+                job.started_at = now + self.wall_offset
+                self.dirty[job.id] = job
+            free -= 1
+            if free <= 0:
+                return
 
     def _abort(self, worker: Worker, job_id: str, reason: str) -> None:
         """Tell a corral worker to stop running ``job_id``; its outcome will be ignored."""
@@ -608,6 +705,7 @@ class BrokerCore:
     def _retry_later(self, job: Job, result: bytes, error_type: str, now: float) -> None:
         if job.worker is not None:
             job.worker.running.pop(job.id, None)
+            self._promote(job.worker, now)
             job.worker = None
         elif job.state is JobState.QUEUED and job.waiting_on is None:
             # Requeued when its worker was lost, whose late failure this is: it waits
@@ -635,6 +733,8 @@ class BrokerCore:
 
     def _finish(self, job: Job, result: bytes, error_type: str | None, now: float) -> None:
         del self.jobs[job.id]
+        if self._recalling:
+            self._recalling.pop(job.id, None)
         if job.state is JobState.QUEUED and job.waiting_on is None:
             # Cancelled, or after a restart: the store said "queued" but the job had run
             # and its worker re-sent the outcome.
@@ -642,6 +742,7 @@ class BrokerCore:
         worker = job.worker
         if worker is not None:
             worker.running.pop(job.id, None)
+            self._promote(worker, now)
             job.worker = None
         if error_type is None:
             job.state = JobState.SUCCEEDED
@@ -725,6 +826,7 @@ class BrokerCore:
             id=self._worker_id(peer_name(identity)),
             corral=msg.meta is not None,
             registered=now,
+            concurrency=_concurrency(msg.meta),
         )
         self.workers[identity] = worker
         self.dirty_workers[worker.name] = worker
@@ -834,6 +936,7 @@ class BrokerCore:
         self, worker: Worker, now: float, *, reason: str, keep: set[str] | None = None
     ) -> None:
         self.workers.pop(worker.identity, None)
+        self._overbooked.discard(worker)
         for _, name in worker.queues:
             self.queues[name].remove(worker)
         lost = [job for jid, job in worker.running.items() if keep is None or jid not in keep]
@@ -848,6 +951,7 @@ class BrokerCore:
             self._job_lost(job, worker.name, now)
 
     def _job_lost(self, job: Job, worker_name: str, now: float) -> None:
+        self._recalling.pop(job.id, None)
         if self.jobs.get(job.id) is not job or job.state is not JobState.RUNNING:
             return  # finished meanwhile (its outcome arrived first)
         if job.worker is not None and job.worker.name != worker_name:
@@ -1005,6 +1109,8 @@ class BrokerCore:
             "jobs_requeued": self.stats.requeued,
             "jobs_retried": self.stats.retried,
             "jobs_dead": self.stats.dead,
+            "jobs_recalled": self.stats.recalled,
+            "jobs_released": self.stats.released,
             "jobs_retrying": len(self._retry_heap),
             "workers_awaited_after_restore": len(self.orphans),
             "unknown_replies": self.stats.unknown_replies,
@@ -1275,6 +1381,14 @@ def job_from_record(rec: JobRecord, now: float, wall_offset: float) -> Job:
     job.submitted_at, job.started_at = rec.submitted, rec.started
     job.label, job.result, job.error_type = rec.label, rec.result, rec.error_type
     return job
+
+
+def _concurrency(meta: dict[str, Any] | None) -> int:
+    """The process count a corral worker's INFORM meta gives (0: not said)."""
+    value = (meta or {}).get("concurrency")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 100_000:
+        return value
+    return 0
 
 
 def _heartbeat(ts: bytes) -> list[bytes]:

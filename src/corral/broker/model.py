@@ -76,6 +76,16 @@ class Worker:
     processed: int = 0
     #: Monotonic time it (last) registered, i.e. sent INFORM.
     registered: float = 0.0
+    #: Processes it runs jobs in (a corral worker's INFORM says); 0: unknown, and
+    #: then every slot counts as a process. Slots beyond it are prefetch.
+    concurrency: int = 0
+
+    @property
+    def idle_processes(self) -> int:
+        """Processes that would start a job sent now (slots if it did not say)."""
+        if not self.concurrency:
+            return self.slots
+        return min(self.slots, self.concurrency - len(self.running))
 
     @property
     def name(self) -> str:
@@ -132,16 +142,24 @@ class Queue:
         self.levels = [level for level in self.levels if level[1]]
 
     def pick(self) -> Worker | None:
-        """The highest-weight worker with a free slot, round-robin among equals."""
+        """The highest-weight worker with a free slot, round-robin among equals.
+
+        A worker with an idle process comes before one whose free slots are all
+        prefetch (the job would wait there behind a running one).
+        """
         if not self.ready:
             return None
+        prefetch = None
         for _, members in self.levels:
             for _ in range(len(members)):
                 worker = members[0]
                 members.rotate(-1)
                 if worker.slots > 0:
-                    return worker
-        return None
+                    if worker.idle_processes > 0:
+                        return worker
+                    if prefetch is None:
+                        prefetch = worker
+        return prefetch
 
     @property
     def worker_count(self) -> int:

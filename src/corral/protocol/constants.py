@@ -47,6 +47,12 @@ class Command(StrEnum):
     STREAM = "STREAM"
     #: job streams: a client starts, paces or stops listening to a stream.
     LISTEN = "LISTEN"
+    #: the broker asks a corral worker to hand back a prefetched job it has not
+    #: started (a process elsewhere is free for it).
+    RECALL = "RECALL"
+    #: a corral worker hands back a job it was sent and has not started (recalled,
+    #: or it is leaving): the broker queues it again, at the front.
+    RELEASE = "RELEASE"
 
 
 COMMANDS: dict[bytes, Command] = {c.value.encode(): c for c in Command}

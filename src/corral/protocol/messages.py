@@ -341,6 +341,26 @@ class Abort(Message):
         return [self.ref.encode(), self.reason.encode()]
 
 
+class Recall(Message):
+    """corral's request to a worker: hand back job ``ref`` if it has not started."""
+
+    ref: str = ""
+    command = Command.RECALL
+
+    def args(self) -> list[bytes]:
+        return [self.ref.encode()]
+
+
+class Release(Message):
+    """A corral worker hands back job ``ref``, which it has not started."""
+
+    ref: str = ""
+    command = Command.RELEASE
+
+    def args(self) -> list[bytes]:
+        return [self.ref.encode()]
+
+
 class Stream(Message):
     """corral's job-stream data, in two shapes.
 
@@ -581,6 +601,17 @@ def _p_abort(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     return Abort(msgid, ref, _text(rest[1], "ABORT reason", msgid) if len(rest) > 1 else "")
 
 
+def _p_ref(cls: type[Recall] | type[Release]):  # noqa: ANN202 - small factory
+    def parse_ref(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
+        _arity(cmd, rest, 1, 1, msgid)
+        ref = _text(rest[0], f"{cmd.value} id", msgid)
+        if not 0 < len(ref) <= 256:
+            raise ProtocolError("bad-frames", f"{cmd.value} needs a job id", msgid)
+        return cls(msgid, ref)
+
+    return parse_ref
+
+
 def _p_query(cmd: Command, msgid: str, rest: Sequence[bytes]) -> Message:
     _arity(cmd, rest, 1, 1, msgid)
     request = _json(rest[0], _object_json, "QUERY", msgid)
@@ -627,6 +658,8 @@ _PARSERS = {
     Command.ERROR: _p_error,
     Command.QUERY: _p_query,
     Command.ABORT: _p_abort,
+    Command.RECALL: _p_ref(Recall),
+    Command.RELEASE: _p_ref(Release),
     Command.STREAM: _p_stream,
     Command.LISTEN: _p_listen,
 }

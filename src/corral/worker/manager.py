@@ -34,6 +34,7 @@ from corral.protocol import (
     Kbye,
     Message,
     ProtocolError,
+    Recall,
     Request,
     encode_outcome_error,
     new_msgid,
@@ -64,8 +65,11 @@ class WorkerConfig:
     max_jobs_per_child: int | None = None
     #: Jobs accepted beyond the number of processes, so a process that finishes
     #: finds its next job already here instead of waiting a round trip to the
-    #: broker. Each one may wait behind a long job: keep it small.
-    prefetch: int = 0
+    #: broker. A corral broker asks a prefetched job back (RECALL) as soon as a
+    #: process elsewhere is idle, so it does not wait behind a long job while
+    #: another worker could run it. ``None``: one per process with a corral
+    #: broker, none with EventMQ's router (it cannot take a job back).
+    prefetch: int | None = None
     heartbeat_interval: float = 3.0
     heartbeat_liveness: int = 3
     reconnect_max: float = 5.0
@@ -154,8 +158,12 @@ class WorkerManager:
         try:
             await self._stopped.wait()
         finally:
-            ticker.cancel()
-            await self._drain()
+            # Heartbeats go on while running jobs finish: the broker would otherwise
+            # give this worker up for lost during a long job's grace period.
+            try:
+                await self._drain()
+            finally:
+                ticker.cancel()
 
     def stop(self) -> None:
         """Begin an orderly stop: no new jobs, finish running ones within the grace period."""
@@ -179,6 +187,10 @@ class WorkerManager:
                 )
             except TimeoutError:
                 log.warning("the broker did not answer our goodbye; leaving all the same")
+            # Prefetched jobs go back at once: another worker can start them now.
+            released = sum(self._release(job_id) for job_id in self.pool.waiting)
+            if released:
+                log.info("handed %d job(s) not started yet back to the broker", released)
         if self.running:
             log.info(
                 "draining: waiting up to %.0f s for %d running job(s)",
@@ -247,8 +259,15 @@ class WorkerManager:
             self._send([b"READY"])
 
     @property
+    def prefetch(self) -> int:
+        p = self.config.prefetch
+        if p is None:
+            return self.config.concurrency if self._corral_broker else 0
+        return p
+
+    @property
     def free_slots(self) -> int:
-        return self.config.concurrency + self.config.prefetch - len(self.running)
+        return self.config.concurrency + self.prefetch - len(self.running)
 
     # ------------------------------------------------------------ receiving
 
@@ -280,12 +299,17 @@ class WorkerManager:
             pass
         elif isinstance(msg, Abort):
             self._on_abort(msg)
+        elif isinstance(msg, Recall):
+            if self._release(msg.ref) and self._slot_free():
+                self._send_ready(1)
         elif isinstance(msg, Kbye):
             log.warning("the broker is shutting down; waiting for it to come back")
             self._informed = False
         elif isinstance(msg, Error):
             if msg.reason == "unknown-worker":
-                if self._informed or time.monotonic() - self._inform_sent > 1.0:
+                if self._draining:
+                    pass  # leaving anyway
+                elif self._informed or time.monotonic() - self._inform_sent > 1.0:
                     log.warning("the broker does not know this worker (restarted?); re-registering")
                     self._reconnected = True
                     self._send_inform()
@@ -320,6 +344,15 @@ class WorkerManager:
         # The pool kills the job's process and resolves it as JobCancelled, which
         # _on_done reports like any outcome (the broker expects it), freeing the slot.
         self.pool.cancel(msg.ref)
+
+    def _release(self, job_id: str) -> bool:
+        """Hand a job we have not started back to the broker (RELEASE)."""
+        if job_id not in self.running or not self.pool.withdraw(job_id):
+            return False  # started (or ended) already: its outcome will tell
+        del self.running[job_id]
+        self.streams.finish(job_id)
+        self._send([b"RELEASE", job_id.encode()])
+        return True
 
     def _on_done(self, job_id: str, future: asyncio.Future[bytes]) -> None:
         self.streams.finish(job_id)  # its stream messages go before its outcome
@@ -368,6 +401,11 @@ class WorkerManager:
         while True:
             await asyncio.sleep(min(interval / 3, 1.0))
             now = time.monotonic()
+            if self._draining:
+                # Leaving: heartbeats only (none after the goodbye), no registering again.
+                if self._accepting and now - self._last_sent >= interval:
+                    self._send([b"HEARTBEAT", repr(time.time()).encode()])
+                continue
             if now - self._last_sent >= interval:
                 self._send([b"HEARTBEAT", repr(time.time()).encode()])
             silent = now - self._last_heard

@@ -475,6 +475,24 @@ class Pool:
         self._dispatch()
         return future
 
+    def withdraw(self, job_id: str) -> bool:
+        """Take back a job no child has started; ``False`` if it started or is unknown.
+
+        The job's future is cancelled: it has no outcome.
+        """
+        job = self._jobs.get(job_id)
+        if job is None or job.child is not None:
+            return False
+        self._pending.remove(job)
+        del self._jobs[job_id]
+        job.future.cancel()
+        return True
+
+    @property
+    def waiting(self) -> list[str]:
+        """Ids of the jobs no child has started yet, oldest first."""
+        return [job.id for job in self._pending]
+
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; ``False`` if it is not in the pool.
 
