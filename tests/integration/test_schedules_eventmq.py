@@ -4,7 +4,8 @@ EventMQ's client schedules a job through corral's broker; the broker hands it
 to the connected ``emq-scheduler`` (as EventMQ's router would), which alone
 fires it; when that scheduler dies the broker takes the schedule back and
 continues its cadence; EventMQ's UNSCHEDULE ends it. Throughout, each tick
-runs exactly once.
+runs exactly once. An UNSCHEDULE sent while the emq-scheduler is alive reaches
+it, and it stops firing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ import corral
 from corral.admin import admin_request
 from corral.scheduler.ids import parse_tick_id
 from tests.integration.emq import emq_sender, start_scheduler, submit_schedule, write_config
+from tests.integration.procs import Cluster
 from tests.integration.test_interop import JOBS_ENV, corral_emq_addrs, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -81,6 +84,77 @@ def test_eventmq_scheduler_runs_its_schedule_and_the_broker_takes_it_back(cluste
     # Taken back, it keeps the cadence from its last run by EventMQ.
     after = [g for t, g in zip(times[1:], gaps, strict=False) if t / 1000 > killed]
     assert after and all(g % 2000 == 0 for g in after), gaps
+
+
+def test_live_eventmq_scheduler_stops_on_unschedule(cluster, tmp_path):
+    # Without the built-in scheduler nothing but the emq-scheduler can fire it.
+    broker = cluster.broker(*LIVENESS, "--no-builtin-scheduler")
+    worker = cluster.worker("--allow", "emq_jobs", imports=(), env=JOBS_ENV)
+    emq_dir = tmp_path / "emq"
+    config = write_config(emq_dir, corral_emq_addrs(cluster))
+    ticks = tmp_path / "ticks"
+    interval = 1
+    with ExitStack() as stack, corral.Client(cluster.addrs.frontend) as client:
+        sched = stack.enter_context(start_scheduler(config, emq_dir))
+        procs = [broker, worker, sched]
+        wait(lambda: emq_schedulers(cluster), "emq-scheduler registered", procs=procs)
+        sender = stack.enter_context(emq_sender(cluster.addrs.frontend))
+        submit_schedule(
+            sender, "emq_jobs.tick", interval_secs=interval, args=[str(ticks)], headers=()
+        )
+        first = wait(
+            lambda: (found := client.schedules()) and found[0]["runs"] >= 2 and found[0],
+            "2 runs",
+            procs=procs,
+        )
+        assert first["run_by"].startswith("EventMQ scheduler"), first
+        sid = first["id"]
+        refused_before = sum(cluster.status()["ticks_refused"].values())
+
+        submit_schedule(
+            sender, "emq_jobs.tick", interval_secs=interval, args=[str(ticks)], unschedule=True
+        )
+        wait(lambda: client.schedules() == [], "EventMQ's UNSCHEDULE", procs=procs)
+        jobs = wait(lambda: finished(client, sid), "every tick's job to finish", procs=procs)
+        assert len(jobs) >= 2 and len(ran(ticks)) == len(jobs), (jobs, ran(ticks))
+
+        def counters() -> dict[str, Any]:
+            st = cluster.status()
+            assert st is not None, "the broker stopped answering STATUS"
+            return {
+                "ticks_fired": st["ticks_fired"],
+                "ticks_refused": sum(st["ticks_refused"].values()),
+                "jobs_accepted": st["jobs_accepted"],
+                "processed": st["processed_messages_by_queue"].get("default", 0),
+                "eventmq_schedulers": st["eventmq_schedulers"],
+                "jobs": len(tick_times(client, sid)),
+                "runs": len(ran(ticks)),
+            }
+
+        base = counters()
+        # Runs ended by the UNSCHEDULE, not by the scheduler being gone or refused.
+        assert base["eventmq_schedulers"] == 1, base
+        assert base["ticks_refused"] == refused_before, base
+        # Told while alive, the emq-scheduler fires no more: were the UNSCHEDULE not
+        # forwarded, it would keep firing and its ticks would be refused (or run).
+        quiet = 3 * interval + 0.5
+        start = time.monotonic()
+        while time.monotonic() - start < quiet:
+            assert sched.alive(), f"emq-scheduler exited\n{sched.output()}"
+            now = counters()
+            assert now == base, (
+                f"{time.monotonic() - start:.1f} s after UNSCHEDULE: {base} -> {now}"
+            )
+            time.sleep(0.1)
+        assert sched.alive() and emq_schedulers(cluster), "emq-scheduler left"
+
+
+def emq_schedulers(cluster: Cluster) -> dict[str, Any]:
+    return admin_request("ROUTER_SHOW_SCHEDULERS", cluster.addrs.admin)["connected_schedulers"]
+
+
+def ran(ticks: Path) -> str:
+    return ticks.read_text() if ticks.exists() else ""
 
 
 def tick_times(client: corral.Client, sid: str) -> list[int]:
