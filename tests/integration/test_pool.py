@@ -108,6 +108,19 @@ async def test_runs_tasks_functions_and_methods() -> None:
 
 
 @async_test
+async def test_a_body_is_run_as_received_and_a_malformed_one_is_a_bad_request() -> None:
+    async with started() as pool:
+        seen: list[tuple[str, bytes]] = []
+        body = json.dumps(["run", job("add", 2, 5)]).encode()
+        outcome = await pool.run_body("ok", body, None, lambda *done: seen.append(done))
+        assert value(outcome) == 7 and seen == [("ok", outcome)]  # called with the outcome
+        for bad in (b"{not json", b'["stop", {}]', b'["run", [1]]', b"[" * 5000 + b"]" * 5000):
+            err = error(await pool.run_body("bad", bad, None))
+            assert err["type"] == "BadRequest", err
+        assert value(await pool.run("after", job("add", 1, 1), None)) == 2  # still serving
+
+
+@async_test
 async def test_job_exception_becomes_error_outcome_with_traceback() -> None:
     async with started() as pool:
         err = error(await pool.run("f", job("fail"), None))

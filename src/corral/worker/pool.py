@@ -56,8 +56,10 @@ _FAILED = b"E"
 _STREAM = b"S"[0]
 
 _json = msgspec.json.Encoder()
-_msgpack_encode = msgspec.msgpack.Encoder().encode
 _msgpack_decode = msgspec.msgpack.Decoder().decode
+# A job for a child: 2-byte length of its id, the id, the body JSON.
+_ID_SIZE = struct.Struct("!H")
+_body_decode = msgspec.json.Decoder(tuple[str, dict[str, Any]]).decode
 
 
 class _Frames:
@@ -168,6 +170,29 @@ def _die_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
+def _job_payload(job_id: str, body: bytes) -> bytes:
+    """What the parent sends a child for one job: the id, then the eMQP body as received."""
+    raw_id = job_id.encode()
+    return _ID_SIZE.pack(len(raw_id)) + raw_id + body
+
+
+def _job_frame(payload: bytes) -> tuple[str, bytes]:
+    (size,) = _ID_SIZE.unpack_from(payload)
+    end = _ID_SIZE.size + size
+    return payload[_ID_SIZE.size : end].decode(), payload[end:]
+
+
+def _run_body(loader: Loader, body: bytes) -> bytes:
+    """Decode an eMQP ``["run", {...}]`` body and run it; never raises."""
+    try:
+        cmd, params = _body_decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return error_outcome("BadRequest", f"body is not a valid run body: {exc}")
+    if cmd != "run":
+        return error_outcome("BadRequest", f"unknown body subcommand {cmd!r}")
+    return _run_job(loader, params)
+
+
 def _run_job(loader: Loader, params: Any) -> bytes:
     """Run one job and return its outcome frame payload; never raises."""
     try:
@@ -248,9 +273,9 @@ def _child_main(
                 if not data:
                     return  # the parent closed our pipe: shut down cleanly
                 queued.extend(frames.feed(data))
-            job_id, params = _msgpack_decode(queued.popleft())
+            job_id, body = _job_frame(queued.popleft())
             runtime.begin(job_id)
-            outcome = _run_job(loader, params)
+            outcome = _run_body(loader, body)
             runtime.end()  # what the job put on its stream goes before its outcome
             with lock:
                 _send(sock, outcome)
@@ -276,15 +301,21 @@ _SERVING = (_State.STARTING, _State.IDLE, _State.BUSY)
 
 
 class _Job:
-    __slots__ = ("id", "frame", "timeout", "future", "timer", "child")
+    __slots__ = ("id", "frame", "timeout", "future", "done", "timer", "child")
 
     def __init__(
-        self, job_id: str, frame: bytes, timeout: float | None, future: asyncio.Future[bytes]
+        self,
+        job_id: str,
+        frame: bytes,
+        timeout: float | None,
+        future: asyncio.Future[bytes],
+        done: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.id = job_id
         self.frame = frame
         self.timeout = timeout
         self.future = future
+        self.done = done
         self.timer: asyncio.TimerHandle | None = None
         self.child: _Child | None = None
 
@@ -461,15 +492,40 @@ class Pool:
             raise ValueError(f"job {job_id!r} is already in the pool")
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
-        future: asyncio.Future[bytes] = loop.create_future()
         try:
-            payload = _msgpack_encode((job_id, params))
+            body = _json.encode(("run", params))
         except (TypeError, ValueError, OverflowError) as exc:
+            future: asyncio.Future[bytes] = loop.create_future()
             future.set_result(
                 error_outcome("SerializationError", f"job params cannot be sent to a child: {exc}")
             )
             return future
-        job = _Job(job_id, _frame(payload), timeout or None, future)
+        return self.run_body(job_id, body, timeout)
+
+    def run_body(
+        self,
+        job_id: str,
+        body: bytes,
+        timeout: float | None,
+        done: Callable[[str, bytes], None] | None = None,
+    ) -> asyncio.Future[bytes]:
+        """Like :meth:`run` with the eMQP body as received (``["run", {...}]`` JSON).
+
+        ``done(job_id, outcome)`` is called the moment the outcome is known (the
+        future resolves too); not for a job taken back with :meth:`withdraw`.
+        A body that is not a valid run body gets a ``BadRequest`` outcome.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("Pool.run() before Pool.start()")
+        if self._closing:
+            raise RuntimeError("the pool is closed")
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id!r} is already in the pool")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+        future: asyncio.Future[bytes] = loop.create_future()
+        job = _Job(job_id, _frame(_job_payload(job_id, body)), timeout or None, future, done)
         self._jobs[job_id] = job
         self._pending.append(job)
         self._dispatch()
@@ -760,6 +816,8 @@ class Pool:
             del self._jobs[job.id]
         if not job.future.done():
             job.future.set_result(outcome)
+            if job.done is not None:
+                job.done(job.id, outcome)
 
     def _expire(self, job: _Job) -> None:
         child = job.child

@@ -2,7 +2,7 @@
 
 Entries arrive from the pool (what jobs put with :mod:`corral.runtime`) and
 leave as one ``STREAM`` message per turn of the event loop, grouped by job.
-Each run of a job on this worker gets a random run id, and its entries a
+Each run of a job on this worker gets a unique run id, and its entries a
 producer sequence number (``pseq``), so that the broker can take an entry sent
 twice only once. The last ``retain`` entries of each running job (and of the
 few that ended last) are kept and sent again after the worker registers
@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
+from corral.protocol import new_tag
 
 log = logging.getLogger("corral.worker")
 
@@ -45,7 +46,7 @@ class _Run:
     __slots__ = ("id", "next", "kept")
 
     def __init__(self, retain: int) -> None:
-        self.id = uuid.uuid4().hex[:16]
+        self.id = new_tag().decode()  # a random prefix per process and a counter
         self.next = 1
         self.kept: deque[tuple[int, bytes]] = deque(maxlen=retain)
 
