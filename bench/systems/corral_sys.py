@@ -51,6 +51,8 @@ class CorralAdapter(Adapter):
             self.addrs["admin"],
             "--notify",
             "",
+            "--streams",
+            f"tcp://{LOOPBACK}:{free_port()}",
             "--data-dir",
             str(data),
             "--log-level",

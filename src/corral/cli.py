@@ -273,8 +273,9 @@ _WORKER_OPTIONS = [
         "--stream-buffer",
         default=10_000,
         show_default=True,
-        help="Stream messages a job's process holds while the worker is slow; "
-        "further log lines and partial results are dropped (and counted).",
+        help="Stream messages a job's process (and the worker, while the broker is away) "
+        "holds; past it log lines are dropped first and partial results coalesce to the "
+        "latest (both counted on the stream).",
     ),
 ]
 

@@ -18,7 +18,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 
 from corral._loop import SocketWatcher, send_frames
@@ -36,7 +35,6 @@ from corral.protocol import (
     ProtocolError,
     Recall,
     Request,
-    encode_outcome_error,
     new_msgid,
     new_tag,
     parse,
@@ -90,7 +88,8 @@ class WorkerManager:
     def __init__(self, config: WorkerConfig, *, context: zmq.Context | None = None) -> None:
         self.config = config
         self.context = context or zmq.Context.instance()
-        self.streams = StreamOutbox(self._send)
+        # What waits for the broker (away, say) is bounded like a job's own buffer.
+        self.streams = StreamOutbox(self._send, max_pending=config.stream_buffer)
         self.pool = Pool(
             config.concurrency,
             imports=config.imports,
@@ -326,16 +325,11 @@ class WorkerManager:
             return
         if job_id in self.running:
             return  # the broker re-sent a job we already run
-        try:
-            params = msgspec.to_builtins(msg.params())
-        except ProtocolError as exc:
-            self._reply(job_id, encode_outcome_error("BadRequest", exc.detail), self._slot_free())
-            return
         timeout = msg.headers.timeout or None
         self.streams.start(job_id)
-        future = self.pool.run(job_id, params, timeout)
-        self.running[job_id] = future
-        future.add_done_callback(lambda f, jid=job_id: self._on_done(jid, f))
+        # The body goes to the pool as it came; the child decodes it (and refuses a
+        # malformed one with BadRequest).
+        self.running[job_id] = self.pool.run_body(job_id, msg.body, timeout, self._on_done)
 
     def _on_abort(self, msg: Abort) -> None:
         if msg.ref not in self.running:
@@ -354,16 +348,10 @@ class WorkerManager:
         self._send([b"RELEASE", job_id.encode()])
         return True
 
-    def _on_done(self, job_id: str, future: asyncio.Future[bytes]) -> None:
+    def _on_done(self, job_id: str, outcome: bytes) -> None:
         self.streams.finish(job_id)  # its stream messages go before its outcome
         if self.running.pop(job_id, None) is None:
             return
-        if future.cancelled():
-            return
-        exc = future.exception()
-        outcome = (
-            future.result() if exc is None else encode_outcome_error(type(exc).__name__, str(exc))
-        )
         self.processed += 1
         self._reply(job_id, outcome, self._slot_free())
 
