@@ -26,9 +26,10 @@ class Harness:
         self.now = 1000.0
 
     def sent(self):
+        # As the shell does: the acknowledgements once stored, then what they released.
         acks = self.core.take_acks()
-        out = acks + self.core.outbox
         self.core.released(acks)
+        out = acks + self.core.outbox
         self.core.outbox = []
         return [(dest, ident, parse(frames)) for dest, ident, frames in out]
 
@@ -455,7 +456,11 @@ def test_outcome_after_its_acknowledgement_was_taken_for_the_store(h):
     taken = h.core.take_acks()  # a commit with the acknowledgement is under way
     h.reply(b"w1", job)
     assert [len(frames) for _, _, frames in taken] == [5]
-    assert [len(frames) for _, _, frames in h.core.acks] == [6]  # still held after it
+    outcome = [f for d, _, f in h.core.outbox if d is Dest.FRONTEND]
+    assert outcome == [] and h.core.acks == []  # held, and needs no commit of its own
+    h.core.released(taken)  # that commit landed and the acknowledgement went out
+    ((_, _, frames),) = [m for m in h.core.outbox if m[0] is Dest.FRONTEND]
+    assert frames[2] == b"REPLY" and frames[-1] == job.encode() and len(frames) == 6
 
 
 def test_a_leaving_worker_finishes_its_jobs_and_gets_no_new_ones(h):

@@ -181,8 +181,10 @@ class BrokerCore:
         #: Jobs whose acknowledgement waits in :attr:`acks` (for the store).
         self.unacked: set[str] = set()
 
-        #: An outcome waits in :attr:`acks` for its job's acknowledgement.
+        #: An answer waits in :attr:`acks` for its own change to be stored (a schedule's).
         self.held_results = False
+        #: Outcomes of jobs that ended before their acknowledgement went out, by job id.
+        self.after_ack: dict[str, Outgoing] = {}
         #: QUERY messages for the shell to answer (they may need the store).
         self.queries: list[tuple[bytes, Query]] = []
         #: Commands handled outside the core, e.g. STREAM and LISTEN (job streams).
@@ -678,7 +680,7 @@ class BrokerCore:
         process took the job, not when it reached the worker.
         """
         free = worker.concurrency
-        if not free or len(worker.running) <= 0:
+        if not free or not worker.running:
             return
         for job in worker.running.values():
             if job.started is None:
@@ -776,10 +778,9 @@ class BrokerCore:
                 [b"", PROTOCOL, _REPLY, new_tag(), result, job.id.encode()],
             )
             # A submitter hears "accepted" before it hears the outcome (EventMQ's
-            # clients wait for the acknowledgement first).
+            # clients wait for the acknowledgement first): it goes right after it.
             if job.id in self.unacked:
-                self.acks.append(reply)
-                self.held_results = True
+                self.after_ack[job.id] = reply
             else:
                 self.outbox.append(reply)
         for identity in self.listeners.pop(job.id, ()):
@@ -1228,10 +1229,19 @@ class BrokerCore:
         return acks
 
     def released(self, sent: list[Outgoing]) -> None:
-        """The shell sent these held messages (the store has what they promise)."""
+        """The shell sent these held messages (the store has what they promise).
+
+        Outcomes that waited for their job's acknowledgement follow it now.
+        """
+        after_ack = self.after_ack
         for _, _, frames in sent:
-            self.unacked.discard(frames[-1].decode())
-        # Outcome replies have six frames, acknowledgements five.
+            ref = frames[-1].decode()
+            self.unacked.discard(ref)
+            if after_ack:
+                outcome = after_ack.pop(ref, None)
+                if outcome is not None:
+                    self.outbox.append(outcome)
+        # Answers that wait for their own change to be stored have six frames.
         self.held_results = any(len(frames) == 6 for _, _, frames in self.acks)
 
     def take_changes(self) -> tuple[list[JobRecord], list[WorkerRecord], dict[str, Any]]:

@@ -409,7 +409,7 @@ class BrokerServer:
         extra = {"streams": streams} if self.streams.persistent and streams else {}
         for rec in jobs:
             self._uncommitted[rec.id] = rec
-        if self._executor is None or sync or self._small(jobs, workers, streams):
+        if self._executor is None or sync or self._small(jobs, workers, streams, acks):
             try:
                 self.store.commit(jobs, workers, meta, schedules, **extra)
             except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
@@ -425,14 +425,24 @@ class BrokerServer:
         future.add_done_callback(lambda f: self._commit_done(f, batch))
 
     def _small(
-        self, jobs: list[JobRecord], workers: list[WorkerRecord], streams: StreamBatch
+        self,
+        jobs: list[JobRecord],
+        workers: list[WorkerRecord],
+        streams: StreamBatch,
+        acks: list,
     ) -> bool:
-        # A transaction of a few rows takes ~50 us: less than handing it to the writer
-        # thread and back, which puts two thread wake-ups (~0.3 ms on an idle machine)
-        # between a job's submit and its acknowledgement. Big batches (a busy broker)
-        # and fsync'ed commits still go to the writer thread, off the event loop.
+        # A transaction of a few rows takes ~50-100 us: less than handing it to the
+        # writer thread and back (two thread wake-ups, ~0.3 ms on an idle machine).
+        # That counts when an answer is already here and waits only for this commit
+        # (an outcome behind its job's acknowledgement, a schedule's answer). Otherwise
+        # the writer thread commits while the jobs run and the loop goes on serving;
+        # big batches and fsync'ed commits always go there.
+        if self.store_fsyncs:
+            return False
+        if not (self.core.after_ack or any(len(frames) == 6 for _, _, frames in acks)):
+            return False
         rows = len(jobs) + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
-        return rows <= INLINE_COMMIT_ROWS and not self.store_fsyncs
+        return rows <= INLINE_COMMIT_ROWS
 
     def _writer_free(self) -> None:
         """The writer (the store's one write connection) is idle: wake who waits for it."""
