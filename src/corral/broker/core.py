@@ -239,31 +239,11 @@ class BrokerCore:
         if worker is not None:
             worker.last_seen = now
         if isinstance(msg, Ready):
-            if worker is None:
-                self._refuse(
-                    Dest.BACKEND,
-                    identity,
-                    "unknown-worker",
-                    "READY before INFORM; send INFORM first",
-                    msg.msgid,
-                )
-                return
-            if not worker.draining:
-                self._on_ready(worker, now)
+            self._ready_from(identity, worker, msg.msgid, now)
         elif isinstance(msg, Reply):
             self._on_result(identity, worker, msg, now)
-            if msg.ready:
-                # The READY that came with the outcome.
-                if worker is None:
-                    self._refuse(
-                        Dest.BACKEND,
-                        identity,
-                        "unknown-worker",
-                        "READY before INFORM; send INFORM first",
-                        msg.msgid,
-                    )
-                elif not worker.draining:
-                    self._on_ready(worker, now)
+            if msg.ready:  # the READY that came with the outcome
+                self._ready_from(identity, worker, msg.msgid, now)
         elif isinstance(msg, Inform):
             self._on_worker_inform(identity, msg, now)
         elif isinstance(msg, Heartbeat):
@@ -553,6 +533,18 @@ class BrokerCore:
         self.outbox.append(
             (Dest.BACKEND, worker.identity, [b"", PROTOCOL, _REQUEST, job.id.encode(), *frames])
         )
+
+    def _ready_from(self, identity: bytes, worker: Worker | None, msgid: str, now: float) -> None:
+        if worker is None:
+            self._refuse(
+                Dest.BACKEND,
+                identity,
+                "unknown-worker",
+                "READY before INFORM; send INFORM first",
+                msgid,
+            )
+        elif not worker.draining:
+            self._on_ready(worker, now)
 
     def _on_ready(self, worker: Worker, now: float) -> None:
         self._give_slot(worker)

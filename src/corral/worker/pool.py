@@ -483,15 +483,7 @@ class Pool:
         "traceback"}}``; job failures never raise. Cancelling the returned
         future does not stop the job: use :meth:`cancel`.
         """
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError("Pool.run() before Pool.start()")
-        if self._closing:
-            raise RuntimeError("the pool is closed")
-        if job_id in self._jobs:
-            raise ValueError(f"job {job_id!r} is already in the pool")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+        loop = self._admit(job_id, timeout)
         try:
             body = _json.encode(("run", params))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -515,6 +507,15 @@ class Pool:
         future resolves too); not for a job taken back with :meth:`withdraw`.
         A body that is not a valid run body gets a ``BadRequest`` outcome.
         """
+        future: asyncio.Future[bytes] = self._admit(job_id, timeout).create_future()
+        job = _Job(job_id, _frame(_job_payload(job_id, body)), timeout or None, future, done)
+        self._jobs[job_id] = job
+        self._pending.append(job)
+        self._dispatch()
+        return future
+
+    def _admit(self, job_id: str, timeout: float | None) -> asyncio.AbstractEventLoop:
+        """Check that a new job can be queued; return the loop."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("Pool.run() before Pool.start()")
@@ -524,12 +525,7 @@ class Pool:
             raise ValueError(f"job {job_id!r} is already in the pool")
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
-        future: asyncio.Future[bytes] = loop.create_future()
-        job = _Job(job_id, _frame(_job_payload(job_id, body)), timeout or None, future, done)
-        self._jobs[job_id] = job
-        self._pending.append(job)
-        self._dispatch()
-        return future
+        return loop
 
     def withdraw(self, job_id: str) -> bool:
         """Take back a job no child has started; ``False`` if it started or is unknown.
