@@ -63,3 +63,19 @@ def test_a_leaving_worker_hands_back_the_jobs_it_has_not_started(cluster):
         assert client.job(short.id).info()["worker_id"] == second
         assert long.result(timeout=15) == 3.0  # the running one finished where it was
         assert leaving.wait(15) == 0
+
+
+def test_a_killed_workers_prefetched_job_runs_elsewhere_and_its_running_one_fails(cluster):
+    cluster.broker()
+    victim = cluster.worker(concurrency=1, imports=("corral.examples",))
+    with corral.Client(cluster.addrs.frontend) as client:
+        running = client.submit("corral.examples:sleep", 30.0)  # no guarantee, no retries
+        prefetched = client.submit("corral.examples:add", 3, 4)
+        wait_for(lambda: _held_by_one_worker(cluster, 2), what="both jobs sent to the worker")
+        victim.kill_group(signal.SIGKILL)
+        with pytest.raises(corral.JobFailed) as info:
+            running.result(timeout=15)
+        assert info.value.type == "WorkerLost"
+        cluster.worker(concurrency=1, imports=("corral.examples",))
+        assert prefetched.result(timeout=15) == 7  # it never ran: it runs, not fails
+        assert client.job(prefetched.id).info()["attempts"] == 1

@@ -16,6 +16,7 @@ from corral.protocol import (
     new_msgid,
     parse,
 )
+from corral.store import JobRecord, Snapshot
 
 BODY = encode_body(RunParams("pkg.mod", "fn"))
 
@@ -642,3 +643,31 @@ def test_cancelling_a_prefetched_job_says_it_never_started(h):
     assert [(i, m.ref) for d, i, m in h.sent() if m.command.value == "ABORT"] == [
         (b"w1", waiting)
     ]
+
+
+def test_a_lost_workers_prefetched_job_runs_elsewhere_without_guarantee(h):
+    corral_worker(h, b"w1", 1, 2)
+    running, prefetched = h.submit(), h.submit()
+    h.sent()
+    h.core.on_backend(b"w1", Kbye(new_msgid()).to_frames(), h.now)  # gone, both lost
+    out = h.sent()
+    assert [(m.ref, json.loads(m.result)["error"]["type"]) for m in outcomes(out)] == [
+        (running, "WorkerLost")  # it had started: without guarantee it failed
+    ]
+    assert [j.id for j in h.core.queues["default"].waiting] == [prefetched]
+    assert h.core.jobs[prefetched].attempts == 0
+    corral_worker(h, b"w2", 1, 1)
+    assert h.dispatched(h.sent()) == [(b"w2", prefetched)]
+
+
+def test_a_restored_running_job_keeps_its_start_time(h):
+    rec = JobRecord(
+        id="r1", queue="default", state="running", headers="", body=BODY, submitter=b"c",
+        submitted=1.0, started=2.0, attempts=1, worker_uuid="w1",
+    )  # fmt: skip
+    h.core.restore(Snapshot(jobs=[rec], workers=[]), h.now)
+    h.inform(b"w1", meta={"running": ["r1"], "concurrency": 1})
+    h.submit()
+    h.ready(b"w1")
+    h.sent()
+    assert h.core.jobs["r1"].started_at == 2.0  # not taken for a prefetched job

@@ -99,6 +99,8 @@ def test_worker_ids_stable_and_never_reused():
 def _job(id_, state, worker=None, **kw):
     kw.setdefault("headers", "reply-requested")
     kw.setdefault("body", b"[]")
+    if state == "running":
+        kw.setdefault("started", 1.5)  # a prefetched job has none
     return JobRecord(
         id=id_,
         queue="default",
@@ -143,6 +145,16 @@ def test_restore_requeues_and_awaits_workers():
     h.core.tick(h.now)  # the retrying job was due at once
     assert h.core.jobs["g1"].state in (JobState.QUEUED, JobState.RUNNING)
     assert h.core.jobs["q1"].state in (JobState.QUEUED, JobState.RUNNING)
+
+
+def test_a_restored_prefetched_job_whose_worker_does_not_return_runs_again():
+    snap = Snapshot(jobs=[_job("p1", "running", "w1", attempts=1, started=None)], workers=[])
+    h = Harness(restore_grace=1.0)
+    h.core.restore(snap, h.now)
+    h.now += 2
+    h.core.tick(h.now)  # w1 never came back; p1 had not started there
+    assert [j.id for j in h.core.queues["default"].waiting] == ["p1"]
+    assert h.core.jobs["p1"].attempts == 0
 
 
 def test_result_before_worker_returns_is_kept():

@@ -475,7 +475,7 @@ class BrokerCore:
         if job is None:
             return None
         previous = job.state.value
-        if job.state is JobState.RUNNING and job.started is None:
+        if job.state is JobState.RUNNING and job.started_at is None:
             previous = "queued"  # prefetched: waiting in its worker, never started
         if job.state is JobState.RUNNING and job.worker is not None:
             worker = job.worker
@@ -675,7 +675,7 @@ class BrokerCore:
         if not free or not worker.running:
             return
         for job in worker.running.values():
-            if job.started is None:
+            if job.started_at is None:
                 job.started = now
                 job.started_at = now + self.wall_offset
                 self.dirty[job.id] = job
@@ -950,6 +950,14 @@ class BrokerCore:
         if job.worker is not None and job.worker.name != worker_name:
             return  # another worker has it (it said so when it came back)
         job.worker = None
+        if job.started_at is None:
+            # Prefetched and not started (as far as we know): it did not run, so it
+            # runs elsewhere whatever its options, and the attempt does not count.
+            job.attempts -= 1
+            job.worker_uuid = job.worker_id = None
+            self.stats.requeued += 1
+            self._enqueue(job, now, front=True)
+            return
         if job.headers.guarantee or self._retries_left(job):
             self.stats.requeued += 1
             self._enqueue(job, now, front=True)
