@@ -302,8 +302,13 @@ class WorkerManager:
             if self._release(msg.ref) and self._slot_free():
                 self._send_ready(1)
         elif isinstance(msg, Kbye):
-            log.warning("the broker is shutting down; waiting for it to come back")
             self._informed = False
+            if self._draining:
+                log.info("the broker is shutting down too")
+                if self._leave_acked is not None and not self._leave_acked.done():
+                    self._leave_acked.set_result(None)  # no answer to our goodbye will come
+            else:
+                log.warning("the broker is shutting down; waiting for it to come back")
         elif isinstance(msg, Error):
             if msg.reason == "unknown-worker":
                 if self._draining:
