@@ -120,6 +120,27 @@ def test_without_the_offer_an_outcome_is_followed_by_ready() -> None:
     asyncio.run(scenario())
 
 
+def test_a_job_it_cannot_parse_is_answered_bad_request_and_its_slot_offered_again() -> None:
+    async def scenario() -> None:
+        broker, manager, task = await _started()
+        for body in (b"{not json", b'["stop", {}]', b'["run", {"path": 1}]'):
+            job_id = new_msgid()
+            await broker.sock.send_multipart(
+                [broker.worker, b"", b"eMQP/1.0", b"REQUEST", job_id.encode(), b"default", b"",
+                 body]
+            )  # fmt: skip
+            reply = await broker.next(Reply)
+            assert reply.ref == job_id
+            assert json.loads(reply.result)["error"]["type"] == "BadRequest"
+            await broker.next(Ready)  # the slot it took
+        job = await broker.job("corral.examples:add", 1, 1)  # and it still works
+        reply = await broker.next(Reply)
+        assert reply.ref == job and _value(reply) == {"value": 2}
+        await _stop(broker, manager, task)
+
+    asyncio.run(scenario())
+
+
 def test_a_job_that_arrives_while_draining_still_runs_before_the_goodbye() -> None:
     async def main() -> None:
         broker, manager, task = await _started()

@@ -35,6 +35,7 @@ from corral.protocol import (
     ProtocolError,
     Recall,
     Request,
+    encode_outcome_error,
     new_msgid,
     new_tag,
     parse,
@@ -276,6 +277,12 @@ class WorkerManager:
             msg = parse(frames)
         except ProtocolError as exc:
             log.warning("bad message from the broker: %s", exc)
+            if len(frames) > 3 and frames[2] == b"REQUEST" and exc.msgid:
+                # A job we cannot run (EventMQ's router forwards any body): say why,
+                # and the slot it took is free again.
+                if exc.msgid not in self.running:
+                    error = encode_outcome_error("BadRequest", exc.detail)
+                    self._reply(exc.msgid, error, self._slot_free())
             return
         if isinstance(msg, Request):
             self._on_request(msg)
