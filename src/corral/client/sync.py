@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from corral._loop import recv_frames
+from corral._loop import recv_frames, send_frames
 from corral.client.events import WorkerEvents, notify_address
 from corral.client.job import Job
 from corral.client.options import broker_address, make_headers, make_request, queue_for
@@ -663,7 +663,7 @@ class _IOLoop:
                     continue
                 job._started = True
             try:
-                sock.send_multipart(job._frames, zmq.NOBLOCK)  # type: ignore[arg-type]
+                send_frames(sock, job._frames)  # type: ignore[arg-type]
             except zmq.Again:
                 # zmq's queue is full (broker slow or away): keep the rest in our deque.
                 self.blocked = True

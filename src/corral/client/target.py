@@ -8,6 +8,7 @@ before anything is sent, rather than failing later on a worker.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -124,6 +125,7 @@ def _from_qualname(fn: Any, module: str | None, qualname: str) -> tuple[str, str
         raise TypeError(str(exc)) from None
 
 
+@functools.lru_cache(maxsize=1024)  # a client submits the same few targets over and over
 def _parse_name(name: str) -> tuple[str, str]:
     module, sep, qualname = name.strip().partition(":")
     if not sep:
