@@ -130,43 +130,15 @@ def test_runtime_calls_outside_a_job_are_harmless_no_ops():
 
 
 def test_runtime_buffer_sends_in_order_coalesces_progress_and_counts_drops():
-    parent, child = socket.socketpair()
-    frames = _Frames()
-    gate = threading.Event()
-
-    def send(payload: bytes) -> None:
-        gate.wait(10)  # a slow worker: the job must not wait for it
-        child.sendall(_frame(b"S" + payload))
-
-    sink = runtime._Sink(send, max_entries=5)
-    old, runtime._sink = runtime._sink, sink
-    try:
-        runtime.begin("job-1")
-        runtime.progress(0, 10)
-        deadline = time.monotonic() + 10
-        while (sink.buf or not sink.sending) and time.monotonic() < deadline:
-            time.sleep(0.001)  # until the sender holds the first batch
+    def job() -> None:  # while the worker is slow: the job must not wait for it
         for i in range(1, 3):
             runtime.progress(i, 10)
         for i in range(10):
             runtime.log(f"line {i}")
-        gate.set()
-        runtime.end()
-    finally:
-        runtime._sink, runtime._current = old, None
-    parent.setblocking(False)
-    got = []
-    while True:
-        try:
-            data = parent.recv(1 << 16)
-        except BlockingIOError:
-            break
-        for frame in frames.feed(data):
-            job_id, entries = msgspec.msgpack.decode(frame[1:])
-            assert job_id == "job-1"
-            got += [json.loads(e) for e in entries]
-    assert [e["done"] for e in got if e["kind"] == "progress"] == [0, 2]
-    assert [e["text"] for e in got[2:6]] == ["line 0", "line 1", "line 2", "line 3"]
+
+    got = _with_slow_sender(5, job)
+    assert [e["done"] for e in got if e["kind"] == "progress"] == [2]  # only the latest
+    assert [e["text"] for e in got[1:5]] == ["line 0", "line 1", "line 2", "line 3"]
     assert "6 log line(s) dropped" in got[-1]["text"]
     assert runtime.current_job() is None
 
