@@ -661,13 +661,15 @@ def test_a_lost_workers_prefetched_job_runs_elsewhere_without_guarantee(h):
 
 
 def test_a_restored_running_job_keeps_its_start_time(h):
-    rec = JobRecord(
-        id="r1", queue="default", state="running", headers="", body=BODY, submitter=b"c",
-        submitted=1.0, started=2.0, attempts=1, worker_uuid="w1",
-    )  # fmt: skip
-    h.core.restore(Snapshot(jobs=[rec], workers=[]), h.now)
-    h.inform(b"w1", meta={"running": ["r1"], "concurrency": 1})
-    h.submit()
-    h.ready(b"w1")
+    recs = [
+        JobRecord(
+            id=i, queue="default", state="running", headers="", body=BODY, submitter=b"c",
+            submitted=1.0, started=started, attempts=1, worker_uuid="w1",
+        )  # fmt: skip
+        for i, started in (("r1", 2.0), ("r2", 3.0))
+    ]
+    h.core.restore(Snapshot(jobs=recs, workers=[]), h.now)
+    h.inform(b"w1", meta={"running": ["r1", "r2"], "concurrency": 2})
+    reply_ready(h, b"w1", "r2")  # a job ends: the ones it holds are looked at (_promote)
     h.sent()
-    assert h.core.jobs["r1"].started_at == 2.0  # not taken for a prefetched job
+    assert h.core.jobs["r1"].started_at == 2.0  # restored with it, not a new start

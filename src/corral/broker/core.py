@@ -609,7 +609,11 @@ class BrokerCore:
         del worker.running[job.id]
         self._promote(worker, now)
         self.stats.released += 1
-        job.attempts -= 1  # it never ran
+        self._unsend(job, now)
+
+    def _unsend(self, job: Job, now: float) -> None:
+        """A job its worker never started goes back to the front of its queue, as if unsent."""
+        job.attempts -= 1
         job.started = job.started_at = None
         job.worker_uuid = job.worker_id = None
         self._enqueue(job, now, front=True)
@@ -953,10 +957,8 @@ class BrokerCore:
         if job.started_at is None:
             # Prefetched and not started (as far as we know): it did not run, so it
             # runs elsewhere whatever its options, and the attempt does not count.
-            job.attempts -= 1
-            job.worker_uuid = job.worker_id = None
             self.stats.requeued += 1
-            self._enqueue(job, now, front=True)
+            self._unsend(job, now)
             return
         if job.headers.guarantee or self._retries_left(job):
             self.stats.requeued += 1
@@ -1241,8 +1243,7 @@ class BrokerCore:
                 outcome = after_ack.pop(ref, None)
                 if outcome is not None:
                     self.outbox.append(outcome)
-        # Answers that wait for their own change to be stored have six frames.
-        self.held_results = any(len(frames) == 6 for _, _, frames in self.acks)
+        self.held_results = holds_answers(self.acks)
 
     def take_changes(self) -> tuple[list[JobRecord], list[WorkerRecord], dict[str, Any]]:
         """Records of what changed since the last call, for one store transaction."""
@@ -1391,6 +1392,12 @@ def job_from_record(rec: JobRecord, now: float, wall_offset: float) -> Job:
     job.submitted_at, job.started_at = rec.submitted, rec.started
     job.label, job.result, job.error_type = rec.label, rec.result, rec.error_type
     return job
+
+
+def holds_answers(held: list[Outgoing]) -> bool:
+    """Whether held messages include answers that wait for their own change to be stored
+    (a schedule's), not only acknowledgements: answers have six frames, acks five."""
+    return any(len(frames) == 6 for _, _, frames in held)
 
 
 def _concurrency(meta: dict[str, Any] | None) -> int:

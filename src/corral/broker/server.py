@@ -23,7 +23,7 @@ import zmq
 
 from corral._clock import follow_wall_clock
 from corral._loop import has_input, recv_frames, send_frames
-from corral.broker.core import BrokerCore, Dest, job_record
+from corral.broker.core import BrokerCore, Dest, holds_answers, job_record
 from corral.broker.lines import AddressInUse as LinesInUse
 from corral.broker.lines import LineServer
 from corral.broker.queries import QueryHandler
@@ -363,8 +363,8 @@ class BrokerServer:
     # ------------------------------------------------------------ group commit
 
     def _schedule_commit(self) -> None:
-        # Somebody waits for what a commit releases (an acknowledgement, an outcome
-        # held back until its job is acknowledged): commit now. The submits of one
+        # Somebody waits for what a commit releases (an acknowledgement, a schedule's
+        # answer): commit now. The submits of one
         # loop turn share that transaction, and while it runs in the writer thread
         # the next turns' pile up for the one after, so a busy broker still writes
         # big batches. Changes nobody waits for (dispatches, outcomes of acknowledged
@@ -439,7 +439,7 @@ class BrokerServer:
         # big batches and fsync'ed commits always go there.
         if self.store_fsyncs:
             return False
-        if not (self.core.after_ack or any(len(frames) == 6 for _, _, frames in acks)):
+        if not (self.core.after_ack or holds_answers(acks)):
             return False
         rows = len(jobs) + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
         return rows <= INLINE_COMMIT_ROWS
