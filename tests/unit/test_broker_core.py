@@ -673,3 +673,20 @@ def test_a_restored_running_job_keeps_its_start_time(h):
     reply_ready(h, b"w1", "r2")  # a job ends: the ones it holds are looked at (_promote)
     h.sent()
     assert h.core.jobs["r1"].started_at == 2.0  # restored with it, not a new start
+
+
+def test_a_jobs_first_record_is_new_to_the_store_and_later_ones_are_updates(h):
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit()
+    new, updates, _, _ = h.core.take_job_changes()
+    assert ([r.id for r in new], updates) == ([job], [])
+    h.sent()
+    h.reply(b"w1", job)
+    new, updates, _, _ = h.core.take_job_changes()
+    assert (new, [(r.id, r.state) for r in updates]) == ([], [(job, "succeeded")])
+    # The same id sent again once it is forgotten is a new job: its record is written whole.
+    h.core._recent.clear()
+    again = h.submit(msgid=job)
+    new, updates, _, _ = h.core.take_job_changes()
+    assert ([r.id for r in new], updates) == ([again], [])

@@ -289,3 +289,33 @@ def test_a_worker_record_keeps_its_registration_time_and_a_corral_worker_hears_i
     h.core.dirty_workers["w1"] = h.core.workers[b"w1"]
     _, workers, _ = records(h)
     assert workers["w1"].registered == registered
+
+
+def test_a_failed_commit_is_written_again_before_the_updates_that_follow_it(tmp_path):
+    from corral.broker.server import BrokerServer
+    from corral.store import StoreError
+    from corral.store.sqlite import SQLiteStore
+
+    class FailsOnce(SQLiteStore):
+        failed = False
+
+        def commit(self, *args, **kwargs):
+            if not self.failed:
+                self.failed = True
+                raise StoreError("disk full")
+            super().commit(*args, **kwargs)
+
+    store = FailsOnce(str(tmp_path / "b.db"))
+    store.open()
+    h = Harness()
+    server = BrokerServer(h.core, frontend="", backend="", admin="", store=store)
+    job = h.submit(headers="reply-requested,label:x")
+    server._commit(sync=True)  # the job's first, full record: not written
+    assert server.commit_failures == 1 and store.get_job(job) is None
+    h.inform(b"w1")
+    h.ready(b"w1")
+    h.reply(b"w1", job)  # dispatched and finished: updates of a record never stored
+    server._commit(sync=True)
+    got = store.get_job(job)
+    assert (got.state, got.label, got.body, got.worker_uuid) == ("succeeded", "x", BODY, "w1")
+    store.close()

@@ -177,3 +177,20 @@ def test_schedules_are_upserted_and_only_active_ones_restored(kind, tmp_path):
     store.close()
     assert sorted(r.id for r in snap.schedules) == ["a", "b"]
     assert next(r for r in snap.schedules if r.id == "a") == later
+
+
+def test_an_update_writes_what_changes_and_keeps_the_rest(store):
+    store.commit([rec("a", label="x")], [], {})
+    done = rec("a", "succeeded", attempts=1, worker_uuid="w", result=b'{"value": 2}', label="x")
+    store.commit([], [], {}, updates=[done])
+    got = store.get_job("a")
+    assert got == done
+    assert [j.id for j in store.query_jobs(JobQuery(states=["succeeded"]))] == ["a"]
+    assert store.query_jobs(JobQuery(states=["queued"])) == []
+    assert [j.id for j in store.query_jobs(JobQuery(queue="default", label="x"))] == ["a"]
+
+
+def test_new_records_and_updates_of_them_in_one_commit(store):
+    # A batch written again after a failure holds a job's first record and its updates.
+    store.commit([rec("a")], [], {}, updates=[rec("a", "running"), rec("a", "succeeded")])
+    assert store.get_job("a").state == "succeeded"

@@ -1247,7 +1247,28 @@ class BrokerCore:
 
     def take_changes(self) -> tuple[list[JobRecord], list[WorkerRecord], dict[str, Any]]:
         """Records of what changed since the last call, for one store transaction."""
-        jobs = [job_record(j, self.wall_offset) for j in self.dirty.values()]
+        new, updates, workers, meta = self.take_job_changes()
+        return new + updates, workers, meta
+
+    def take_job_changes(
+        self,
+    ) -> tuple[list[JobRecord], list[JobRecord], list[WorkerRecord], dict[str, Any]]:
+        """Like :meth:`take_changes`, with the jobs whose record is already in a batch
+        taken before (``updates``: a store writes only their changing fields) apart
+        from those new to the store. Returns ``(new, updates, workers, meta)``.
+
+        A batch that fails is written again before any later one, so an update
+        never reaches a store before the full record it updates.
+        """
+        new: list[JobRecord] = []
+        updates: list[JobRecord] = []
+        offset = self.wall_offset
+        for j in self.dirty.values():
+            if j.written:
+                updates.append(job_record(j, offset))
+            else:
+                j.written = True
+                new.append(job_record(j, offset))
         workers = [
             WorkerRecord(
                 uuid=w.name,
@@ -1264,7 +1285,7 @@ class BrokerCore:
         self.dirty_workers = {}
         self._ticks_saving.extend(self._ticks_unsaved)
         self._ticks_unsaved = []
-        return jobs, workers, meta
+        return new, updates, workers, meta
 
     def take_schedule_changes(self) -> list[ScheduleRecord]:
         """Schedules changed since the last call, for the same transaction as the jobs."""

@@ -55,6 +55,8 @@ class Job:
     #: Ids of the jobs it waits for (``after:ID`` headers) that have not succeeded
     #: yet; ``None`` once it may run.
     waiting_on: set[str] | None = None
+    #: Its record went to the store in full once: later writes carry only what changes.
+    written: bool = False
 
 
 @dataclass(slots=True, eq=False)

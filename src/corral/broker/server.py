@@ -90,7 +90,8 @@ class BrokerServer:
         #: The writer thread is busy (a commit, a purge batch): a commit must wait.
         self._committing = False
         self._writer_waiters: list[asyncio.Future[None]] = []
-        #: A batch whose commit failed: (jobs, workers, meta, acks, schedules, streams, marks).
+        #: A batch whose commit failed:
+        #: (new jobs, job updates, workers, meta, acks, schedules, streams, marks).
         self._unsaved: tuple | None = None
         self.commits = 0
         self.commit_failures = 0
@@ -388,30 +389,38 @@ class BrokerServer:
         if self._committing:
             return
         core = self.core
-        jobs, workers, meta = core.take_changes()
+        new, updates, workers, meta = core.take_job_changes()
         schedules = core.take_schedule_changes()
         # A job that ended closes its stream in the same transaction.
-        self.streams.note_jobs(jobs)
+        self.streams.note_jobs(new)
+        self.streams.note_jobs(updates)
         streams, marks = self.streams.take_changes()
         acks = core.take_acks()
         if self._unsaved is not None:
-            old = self._unsaved
-            old_jobs, old_workers, old_meta, old_acks, old_schedules, old_streams, old_marks = old
+            # A failed batch goes first: its full records before any update of them.
+            old_new, old_updates, old_workers, old_meta, *old_rest = self._unsaved
+            old_acks, old_schedules, old_streams, old_marks = old_rest
             self._unsaved = None
-            jobs, workers = old_jobs + jobs, old_workers + workers
-            meta, acks = {**old_meta, **meta}, old_acks + acks
-            schedules = old_schedules + schedules
+            new, updates = old_new + new, old_updates + updates
+            workers, meta = old_workers + workers, {**old_meta, **meta}
+            acks, schedules = old_acks + acks, old_schedules + schedules
             streams, marks = merge_batches(old_streams, streams), old_marks + marks
-        if not (jobs or workers or meta or acks or schedules or streams):
+        if not (new or updates or workers or meta or acks or schedules or streams):
             return
-        batch = (jobs, workers, meta, acks, schedules, streams, marks)
+        batch = (new, updates, workers, meta, acks, schedules, streams, marks)
         # Stores that keep no streams are not given any (they live in memory then).
         extra = {"streams": streams} if self.streams.persistent and streams else {}
-        for rec in jobs:
-            self._uncommitted[rec.id] = rec
-        if self._executor is None or sync or self._small(jobs, workers, streams, acks):
+        if updates:
+            extra["updates"] = updates
+        uncommitted = self._uncommitted
+        for rec in new:
+            uncommitted[rec.id] = rec
+        for rec in updates:
+            uncommitted[rec.id] = rec
+        rows = len(new) + len(updates)
+        if self._executor is None or sync or self._small(rows, workers, streams, acks):
             try:
-                self.store.commit(jobs, workers, meta, schedules, **extra)
+                self.store.commit(new, workers, meta, schedules, **extra)
             except Exception as exc:  # noqa: BLE001 - any store failure is handled alike
                 self._commit_failed(exc, batch)
                 return
@@ -420,13 +429,13 @@ class BrokerServer:
         self._committing = True
         assert self._loop is not None
         future = self._loop.run_in_executor(
-            self._executor, lambda: self.store.commit(jobs, workers, meta, schedules, **extra)
+            self._executor, lambda: self.store.commit(new, workers, meta, schedules, **extra)
         )
         future.add_done_callback(lambda f: self._commit_done(f, batch))
 
     def _small(
         self,
-        jobs: list[JobRecord],
+        job_rows: int,
         workers: list[WorkerRecord],
         streams: StreamBatch,
         acks: list,
@@ -441,7 +450,7 @@ class BrokerServer:
             return False
         if not (self.core.after_ack or holds_answers(acks)):
             return False
-        rows = len(jobs) + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
+        rows = job_rows + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
         return rows <= INLINE_COMMIT_ROWS
 
     def _writer_free(self) -> None:
@@ -458,7 +467,7 @@ class BrokerServer:
         if exc is not None:
             self._commit_failed(exc, batch)
             return
-        self._committed(batch[3], batch[6])
+        self._committed(batch[4], batch[7])
         core = self.core
         if core.acks or core.dirty or core.dirty_workers or core.desk.dirty or self.streams.dirty:
             self._commit()
@@ -478,7 +487,9 @@ class BrokerServer:
         self.commit_failures += 1
         self._unsaved = batch
         log.error(
-            "could not write to the store (%s); %d job(s) wait, retrying in 1 s", exc, len(batch[0])
+            "could not write to the store (%s); %d job(s) wait, retrying in 1 s",
+            exc,
+            len(batch[0]) + len(batch[1]),
         )
         if self._loop is not None:
             self._loop.call_later(1.0, self._commit)

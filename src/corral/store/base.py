@@ -37,6 +37,23 @@ class JobRecord(msgspec.Struct, kw_only=True):
     error_type: str | None = None
 
 
+#: The fields of a JobRecord that change after it is first written; ``queue``,
+#: ``headers``, ``body``, ``submitter`` and ``submitted`` never do.
+JOB_CHANGING_FIELDS = (
+    "state",
+    "attempts",
+    "worker_uuid",
+    "worker_id",
+    "started",
+    "completed",
+    "received",
+    "not_before",
+    "result",
+    "label",
+    "error_type",
+)
+
+
 class WorkerRecord(msgspec.Struct, kw_only=True):
     uuid: str
     id: int
@@ -114,11 +131,15 @@ class Store(Protocol):
         meta: dict[str, Any],
         schedules: Sequence[ScheduleRecord] = (),
         streams: Any = None,
+        updates: Sequence[JobRecord] = (),
     ) -> None:
         """Write these records in one transaction (upserts by id / uuid).
 
         ``streams`` is a :class:`corral.store.streams.StreamBatch` for stores
         that keep job streams (they also have ``load_streams``/``get_stream``).
+        ``updates`` are jobs whose full record an earlier commit wrote (or
+        ``jobs`` of this one): only the fields a job's life changes need
+        writing (:data:`JOB_CHANGING_FIELDS`); the others are as first written.
         """
 
     def get_job(self, job_id: str) -> JobRecord | None: ...

@@ -37,9 +37,12 @@ class MemoryStore:
         meta: dict[str, Any],
         schedules: Sequence[ScheduleRecord] = (),
         streams: StreamBatch | None = None,
+        updates: Sequence[JobRecord] = (),
     ) -> None:
         for job in jobs:
             self.jobs[job.id] = job
+        for job in updates:
+            self.jobs[job.id] = job  # the whole record: its unchanging fields are the same
         for worker in workers:
             self.workers[worker.uuid] = worker
         self.meta.update(meta)

@@ -9,6 +9,7 @@ default) survives a crash of the broker process; ``fsync=True`` sets
 from __future__ import annotations
 
 import fcntl
+import operator
 import os
 import sqlite3
 import threading
@@ -19,6 +20,7 @@ import msgspec
 
 from corral.store import streams as stream_store
 from corral.store.base import (
+    JOB_CHANGING_FIELDS,
     JobQuery,
     JobRecord,
     ScheduleRecord,
@@ -86,6 +88,10 @@ _JOB_UPSERT = (
     f"ON CONFLICT(id) DO UPDATE SET "
     + ", ".join(f"{f} = excluded.{f}" for f in _JOB_FIELDS if f != "id")
 )
+# Only the changing columns: an UPDATE rewrites just the indexes on the columns
+# it sets (here jobs_state), where the upsert above rewrites all three.
+_JOB_UPDATE = f"UPDATE jobs SET {', '.join(f'{f} = ?' for f in JOB_CHANGING_FIELDS)} WHERE id = ?"
+_update_row = operator.attrgetter(*JOB_CHANGING_FIELDS, "id")
 _WORKER_FIELDS = WorkerRecord.__struct_fields__
 _WORKER_UPSERT = (
     f"INSERT INTO workers ({', '.join(_WORKER_FIELDS)}) "
@@ -258,6 +264,7 @@ class SQLiteStore:
         meta: dict[str, Any],
         schedules: Sequence[ScheduleRecord] = (),
         streams: StreamBatch | None = None,
+        updates: Sequence[JobRecord] = (),
     ) -> None:
         conn = self._write
         assert conn is not None, "open() first"
@@ -265,6 +272,8 @@ class SQLiteStore:
             conn.execute("BEGIN")
             if jobs:
                 conn.executemany(_JOB_UPSERT, [_job_row(j) for j in jobs])
+            if updates:
+                conn.executemany(_JOB_UPDATE, [_update_row(j) for j in updates])
             if workers:
                 conn.executemany(
                     _WORKER_UPSERT, [tuple(getattr(w, f) for f in _WORKER_FIELDS) for w in workers]
