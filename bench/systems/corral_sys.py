@@ -26,7 +26,7 @@ class CorralAdapter(Adapter):
             "version": f"corral {metadata.version('corral')}",
             "broker": "corral broker, "
             + (f"--store {self.store}" if self.store else "SQLite store (WAL, group commit)"),
-            "worker": "one `corral worker -c SLOTS` (process pool), prefetch one job per "
+            "worker": "one `corral worker -c SLOTS` (process pool), prefetch four jobs per "
             "process (default; taken back for an idle process elsewhere)",
             "jobs": "bench.tick functions allowed with --allow bench.tick",
             "client": "corral.Client; throughput/mixed: submit_with(reply=False); "

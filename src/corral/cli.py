@@ -248,7 +248,7 @@ _WORKER_OPTIONS = [
         type=click.IntRange(min=0),
         default=None,
         help="Jobs held beyond the number of processes, so a process that finishes "
-        "starts the next job at once [default: one per process]. A corral broker takes "
+        "starts the next job at once [default: four per process]. A corral broker takes "
         "a prefetched job back as soon as a process elsewhere is idle; 0 holds none.",
     ),
     click.option(

@@ -32,6 +32,7 @@ import zmq
 import corral
 from corral.admin import admin_request
 from corral.client.target import body_for
+from corral.worker.manager import PREFETCH_PER_PROCESS
 from tests.integration.emq import (
     JOB_PYTHONPATH,
     EmqAddrs,
@@ -205,8 +206,12 @@ def test_emq_cli_reads_and_stops_corral_broker(cluster):
     cluster.worker(concurrency=1, imports=("corral.examples",))
     with corral.Client(cluster.addrs.frontend) as client:
         assert client.submit("corral.examples:add", 1, 2).result(timeout=10) == 3
-    # One process and one prefetch slot.
-    wait(lambda: cluster.free_slots() == 2, "the worker's slots free again", procs=[broker])
+    # One process and its default prefetch slots.
+    wait(
+        lambda: cluster.free_slots() == 1 + PREFETCH_PER_PROCESS,
+        "the worker's slots free again",
+        procs=[broker],
+    )
 
     out = emq_cli(cluster.addrs.admin, ["status", "show_workers", "show_schedulers"])
     assert "--- stderr" not in out, out
@@ -220,7 +225,9 @@ def test_emq_cli_reads_and_stops_corral_broker(cluster):
     assert isinstance(workers, dict) and {"connected_workers", "connected_queues"} <= workers.keys()
     ((wid, winfo),) = workers["connected_workers"].items()
     assert {"queues", "hb", "available_slots"} <= winfo.keys()
-    assert winfo["available_slots"] == 2 and winfo["queues"] == [[10, "default"]]
+    assert winfo["available_slots"] == 1 + PREFETCH_PER_PROCESS and winfo["queues"] == [
+        [10, "default"]
+    ]
     assert workers["connected_queues"] == {"default": [[10, wid]]}
     assert schedulers == {"connected_schedulers": {}}
 

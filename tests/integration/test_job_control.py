@@ -11,6 +11,7 @@ import pytest
 
 import corral
 from corral.errors import JobFailed
+from corral.worker.manager import PREFETCH_PER_PROCESS
 from tests.integration.procs import corral_cmd, wait_for
 
 pytestmark = pytest.mark.integration
@@ -69,15 +70,17 @@ def test_a_handle_survives_a_broker_restart(cluster):
 
 def test_cancel_queued_running_and_finished_jobs(up):
     with corral.Client(up.addrs.frontend) as client:
-        # Two processes run two jobs, two more wait in the worker (prefetched), one in
+        # Two processes run two jobs, more wait in the worker (prefetched), one in
         # the broker's queue.
         running = [client.submit("corral.examples:sleep", 30) for _ in range(2)]
-        prefetched = [client.submit("corral.examples:sleep", 30) for _ in range(2)]
+        prefetched = [
+            client.submit("corral.examples:sleep", 30) for _ in range(2 * PREFETCH_PER_PROCESS)
+        ]
         queued = client.submit("corral.examples:sleep", 30)
         wait_for(lambda: all(j.state == "running" for j in running), what="both slots busy")
         wait_for(lambda: up.free_slots() == 0, what="the prefetch slots taken")
         assert client.job_info(queued.id)["state"] == "queued"
-        assert [client.job_info(j.id)["started"] for j in prefetched] == [None, None]
+        assert [client.job_info(j.id)["started"] for j in prefetched] == [None] * len(prefetched)
         answer = client.cancel(queued.id)
         assert answer["cancelled"] and answer["was"] == "queued"
         with pytest.raises(JobFailed) as info:

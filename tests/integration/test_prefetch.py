@@ -23,7 +23,7 @@ def _worker_ids(cluster) -> set[int]:
 
 def test_a_prefetched_job_moves_to_a_worker_that_joins_while_it_waits(cluster):
     cluster.broker()
-    cluster.worker(concurrency=1, imports=("corral.examples",))  # prefetch: one per process
+    cluster.worker(concurrency=1, imports=("corral.examples",))  # default prefetch
     first = _worker_ids(cluster)
     with corral.Client(cluster.addrs.frontend) as client:
         long = client.submit("corral.examples:sleep", 30.0)
