@@ -19,7 +19,6 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_RCVMORE = int(zmq.RCVMORE)
 _raw_send = _RawSocket.send
 _raw_recv = _RawSocket.recv
 _raw_get = _RawSocket.get
@@ -38,12 +37,15 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
     """``sock.recv_multipart(NOBLOCK)`` without the per-frame overhead.
 
-    (The convenience layer turns every ``RCVMORE`` answer into an enum.)
+    (Asking the socket for ``RCVMORE`` turns every answer into an enum, even on
+    the raw backend; a received frame's ``more`` does not.)
     Raises ``zmq.Again`` when no message is waiting.
     """
-    frames = [_raw_recv(sock, _NOBLOCK)]
-    while _raw_get(sock, _RCVMORE):
-        frames.append(_raw_recv(sock, _NOBLOCK))
+    frame = _raw_recv(sock, _NOBLOCK, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _raw_recv(sock, _NOBLOCK, False)
+        frames.append(frame.bytes)
     return frames
 
 
