@@ -259,7 +259,14 @@ class Bench:
             self.redis = None
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    # SIGTERM (a CI timeout, `kill`) stops like Ctrl-C: the services started in
+    # sessions of their own (redis-server, the runners) are stopped, not left behind.
+    signal.signal(signal.SIGTERM, _interrupted)
     names = [s.name for s in SYSTEMS]
     parser = argparse.ArgumentParser(
         prog="python -m bench",

@@ -110,7 +110,16 @@ def run(store: str, messages: int, latency_messages: int) -> None:
         cluster = Cluster(Path(tmp), heartbeat=3.0)
         try:
             cluster.broker("--log-level", "warning", "--stream-queue", "100000", *extra)
-            cluster.worker("--log-level", "warning", concurrency=1, imports=("bench.stream_jobs",))
+            # The job's buffer holds the whole burst (the default, 10,000, would drop
+            # log lines whenever the job outruns the broker: that is measured nowhere here).
+            cluster.worker(
+                "--log-level",
+                "warning",
+                "--stream-buffer",
+                str(messages + 1000),
+                concurrency=1,
+                imports=("bench.stream_jobs",),
+            )
             with corral.Client(cluster.addrs.frontend) as client:
                 throughput(cluster, client, min(5000, messages), 1)  # warm-up
                 for listeners in (1, 100):
