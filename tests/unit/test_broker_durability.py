@@ -291,24 +291,34 @@ def test_a_worker_record_keeps_its_registration_time_and_a_corral_worker_hears_i
     assert workers["w1"].registered == registered
 
 
-def test_a_failed_commit_is_written_again_before_the_updates_that_follow_it(tmp_path):
-    from corral.broker.server import BrokerServer
+def _failing_store(path, fail_on: int):
     from corral.store import StoreError
     from corral.store.sqlite import SQLiteStore
 
     class FailsOnce(SQLiteStore):
-        failed = False
+        calls = 0
 
         def commit(self, *args, **kwargs):
-            if not self.failed:
-                self.failed = True
+            self.calls += 1
+            if self.calls == fail_on:
                 raise StoreError("disk full")
             super().commit(*args, **kwargs)
 
-    store = FailsOnce(str(tmp_path / "b.db"))
+    store = FailsOnce(str(path))
     store.open()
+    return store
+
+
+def _server(h, store):
+    from corral.broker.server import BrokerServer
+
+    return BrokerServer(h.core, frontend="", backend="", admin="", store=store)
+
+
+def test_a_failed_commit_is_written_again_before_the_updates_that_follow_it(tmp_path):
+    store = _failing_store(tmp_path / "b.db", fail_on=1)
     h = Harness()
-    server = BrokerServer(h.core, frontend="", backend="", admin="", store=store)
+    server = _server(h, store)
     job = h.submit(headers="reply-requested,label:x")
     server._commit(sync=True)  # the job's first, full record: not written
     assert server.commit_failures == 1 and store.get_job(job) is None
@@ -318,4 +328,23 @@ def test_a_failed_commit_is_written_again_before_the_updates_that_follow_it(tmp_
     server._commit(sync=True)
     got = store.get_job(job)
     assert (got.state, got.label, got.body, got.worker_uuid) == ("succeeded", "x", BODY, "w1")
+    store.close()
+
+
+def test_a_failed_update_does_not_follow_a_new_job_under_the_same_id(tmp_path):
+    store = _failing_store(tmp_path / "b.db", fail_on=2)
+    h = Harness()
+    server = _server(h, store)
+    h.inform(b"w1")
+    h.ready(b"w1")
+    job = h.submit(headers="reply-requested")
+    server._commit(sync=True)
+    h.reply(b"w1", job)
+    server._commit(sync=True)  # its "succeeded" update fails and waits
+    assert server.commit_failures == 1
+    h.core._recent.clear()  # forgotten: the id may be used again
+    h.submit(headers="label:again", msgid=job)
+    server._commit(sync=True)
+    got = store.get_job(job)
+    assert (got.state, got.label, got.result) == ("queued", "again", None)
     store.close()

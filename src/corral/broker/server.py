@@ -398,9 +398,16 @@ class BrokerServer:
         acks = core.take_acks()
         if self._unsaved is not None:
             # A failed batch goes first: its full records before any update of them.
-            old_new, old_updates, old_workers, old_meta, *old_rest = self._unsaved
-            old_acks, old_schedules, old_streams, old_marks = old_rest
+            (
+                old_new, old_updates, old_workers, old_meta,
+                old_acks, old_schedules, old_streams, old_marks,
+            ) = self._unsaved  # fmt: skip
             self._unsaved = None
+            if new:
+                # A job sent again under a forgotten job's id: its whole record
+                # replaces the row, and the old job's update must not follow it.
+                fresh = {rec.id for rec in new}
+                old_updates = [rec for rec in old_updates if rec.id not in fresh]
             new, updates = old_new + new, old_updates + updates
             workers, meta = old_workers + workers, {**old_meta, **meta}
             acks, schedules = old_acks + acks, old_schedules + schedules
@@ -412,11 +419,7 @@ class BrokerServer:
         extra = {"streams": streams} if self.streams.persistent and streams else {}
         if updates:
             extra["updates"] = updates
-        uncommitted = self._uncommitted
-        for rec in new:
-            uncommitted[rec.id] = rec
-        for rec in updates:
-            uncommitted[rec.id] = rec
+        self._uncommitted.update((rec.id, rec) for rec in (*new, *updates))
         rows = len(new) + len(updates)
         if self._executor is None or sync or self._small(rows, workers, streams, acks):
             try:
