@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 from corral.broker.model import JobState
-from corral.store import JobRecord, Snapshot, WorkerRecord
+from corral.store import JobRecord, Snapshot, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
+from corral.store.sqlite import SQLiteStore
 from tests.unit.test_broker_core import BODY, Harness
+from tests.unit.test_queries import _server
 
 FAIL = b'{"error": {"type": "ValueError", "message": "no", "traceback": ""}}'
 
@@ -291,9 +293,8 @@ def test_a_worker_record_keeps_its_registration_time_and_a_corral_worker_hears_i
     assert workers["w1"].registered == registered
 
 
-def _failing_store(path, fail_on: int):
-    from corral.store import StoreError
-    from corral.store.sqlite import SQLiteStore
+def _failing_store(path, fail_on: int) -> SQLiteStore:
+    """A SQLite store whose ``fail_on``-th commit fails (as a full disk would)."""
 
     class FailsOnce(SQLiteStore):
         calls = 0
@@ -309,16 +310,10 @@ def _failing_store(path, fail_on: int):
     return store
 
 
-def _server(h, store):
-    from corral.broker.server import BrokerServer
-
-    return BrokerServer(h.core, frontend="", backend="", admin="", store=store)
-
-
 def test_a_failed_commit_is_written_again_before_the_updates_that_follow_it(tmp_path):
     store = _failing_store(tmp_path / "b.db", fail_on=1)
     h = Harness()
-    server = _server(h, store)
+    server, _ = _server(h, store)
     job = h.submit(headers="reply-requested,label:x")
     server._commit(sync=True)  # the job's first, full record: not written
     assert server.commit_failures == 1 and store.get_job(job) is None
@@ -334,7 +329,7 @@ def test_a_failed_commit_is_written_again_before_the_updates_that_follow_it(tmp_
 def test_a_failed_update_does_not_follow_a_new_job_under_the_same_id(tmp_path):
     store = _failing_store(tmp_path / "b.db", fail_on=2)
     h = Harness()
-    server = _server(h, store)
+    server, _ = _server(h, store)
     h.inform(b"w1")
     h.ready(b"w1")
     job = h.submit(headers="reply-requested")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,9 @@ from corral.store.memory import MemoryStore
 from tests.unit.test_broker_core import Harness
 
 
-def _server(h: Harness) -> tuple[BrokerServer, MemoryStore]:
-    store = MemoryStore()
+def _server(h: Harness, store: Any = None) -> tuple[BrokerServer, Any]:
+    """A broker server around the harness's core, on no sockets (a memory store by default)."""
+    store = store if store is not None else MemoryStore()
     server = BrokerServer(h.core, frontend="", backend="", admin="", store=store)
     return server, store
 
