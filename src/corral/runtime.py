@@ -96,6 +96,11 @@ class _Sink:
     def end(self) -> None:
         """Stop taking messages and wait until everything taken is sent."""
         with self.cond:
+            if not (self.buf or self.sending):
+                # Nothing was put: the sender sleeps with nothing to do. Waking it
+                # would cost a thread switch (and the GIL) just before the outcome.
+                self.job = None
+                return
             self.closing = True
             self.cond.notify_all()
             while self.buf or self.sending:

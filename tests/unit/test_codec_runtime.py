@@ -143,6 +143,31 @@ def test_runtime_buffer_sends_in_order_coalesces_progress_and_counts_drops():
     assert runtime.current_job() is None
 
 
+def test_a_job_that_puts_nothing_leaves_the_sender_thread_asleep():
+    # Waking the sender for nothing costs a thread switch (and the GIL) just
+    # before every outcome; only what was put is worth waking it for.
+    sent: list[bytes] = []
+    sink = runtime._Sink(sent.append, max_entries=10)
+    deadline = time.monotonic() + 10
+    while sink.sending and time.monotonic() < deadline:
+        time.sleep(0.001)
+    woken = []
+    notify_all = sink.cond.notify_all
+    sink.cond.notify_all = lambda: (woken.append(1), notify_all())  # type: ignore[method-assign]
+    old, runtime._sink = runtime._sink, sink
+    try:
+        for i in range(50):
+            runtime.begin(f"job-{i}")
+            runtime.end()
+        assert woken == [] and sent == []
+        runtime.begin("job-last")
+        runtime.log("one line")
+        runtime.end()  # waits until the line is sent
+    finally:
+        runtime._sink, runtime._current = old, None
+    assert len(sent) == 1 and msgspec.msgpack.decode(sent[0])[0] == "job-last"
+
+
 def _with_slow_sender(max_entries: int, job) -> list[dict]:
     """Run ``job`` in a sink whose sender is stuck on its first batch until ``job``
     returns; the entries sent, in order."""
