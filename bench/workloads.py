@@ -73,6 +73,10 @@ class System(Protocol):
     def wait(self, handle: Any, timeout: float) -> Any:
         """The job's result; raise on failure, on timeout raise ``TimeoutError``."""
 
+    def call_noop(self, timeout: float) -> Any:
+        """Run ``bench.tick.noop()`` and return its result: submit and wait in one call,
+        the system's own way of calling a job synchronously where it has one."""
+
 
 class Capped(Exception):
     """A run reached its time cap."""
@@ -144,7 +148,7 @@ def latency(system: System, w: Workload, n: int) -> dict[str, Any]:
         if remaining <= 0:
             break
         try:
-            value = system.wait(system.submit_noop(), remaining)
+            value = system.call_noop(remaining)
         except TimeoutError:
             break
         samples.append((time.perf_counter() - t0) * 1e3)

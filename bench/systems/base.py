@@ -70,3 +70,7 @@ class Adapter:
 
     def wait(self, handle: Any, timeout: float) -> Any:
         raise NotImplementedError
+
+    def call_noop(self, timeout: float) -> Any:
+        """Submit and wait: what a peer's synchronous client does for one call."""
+        return self.wait(self.submit_noop(), timeout)

@@ -30,7 +30,7 @@ class CorralAdapter(Adapter):
             "process (default; taken back for an idle process elsewhere)",
             "jobs": "bench.tick functions allowed with --allow bench.tick",
             "client": "corral.Client; throughput/mixed: submit_with(reply=False); "
-            "results/latency: submit(), Job.result()",
+            "results: submit(), Job.result(); latency: call()",
             "logging": "--log-level warning",
         }
 
@@ -113,6 +113,10 @@ class CorralAdapter(Adapter):
 
     def wait(self, handle: Any, timeout: float) -> Any:
         return handle.result(timeout)  # raises TimeoutError (concurrent.futures' is the same)
+
+    def call_noop(self, timeout: float) -> Any:
+        assert self.client is not None
+        return self.client.call(NOOP, result_timeout=timeout)
 
 
 ADAPTER = CorralAdapter

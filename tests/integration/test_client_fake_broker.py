@@ -3,7 +3,8 @@
 The fake broker acknowledges each REQUEST and answers it with
 ``{"value": args[0] + args[1]}``, or with an error outcome when the callable
 is named ``fail`` or the first argument is negative. Queue ``silent`` gets
-no answer at all, queue ``refused`` gets an ERROR. With ``hold_idle`` set it
+no answer at all, queue ``unanswered`` only the acknowledgement, queue
+``refused`` gets an ERROR. With ``hold_idle`` set it
 keeps outcomes back until no message has arrived for that long and then
 sends them newest first, so the client's ordering and in-flight window are
 really exercised.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -113,6 +115,8 @@ class FakeBroker:
             self.router.send_multipart([identity, *error.to_frames()])
             return None
         self.router.send_multipart([identity, *Reply(new_msgid(), msg.msgid).to_frames()])
+        if msg.queue == "unanswered":
+            return None
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         params = msg.params()
@@ -286,6 +290,150 @@ def test_close_waits_for_acknowledgement(broker: FakeBroker) -> None:
     c.close()
     assert all(job.acknowledged for job in jobs)
     assert len(broker.requests) == 50
+
+
+def test_call_returns_the_value_or_raises_what_the_job_raised(
+    client: Client, broker: FakeBroker
+) -> None:
+    assert client.call(add, 2, 3, timeout=30, label="once", queue="q1") == 5
+    request = broker.requests[-1]
+    assert request.queue == "q1" and request.headers.reply_requested
+    assert request.headers.timeout == 30 and request.headers.get("label") == "once"
+    with pytest.raises(JobFailed) as info:
+        client.call("pkg.mod:fail", 1, 2)
+    assert (info.value.type, info.value.job_id) == ("ValueError", broker.requests[-1].msgid)
+    with pytest.raises(Rejected):
+        client.call(add, 1, 2, queue="refused")
+
+
+def _receiving_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from corral.client import sync
+
+    seen: list[int] = []
+    on_frames = sync._IOLoop._on_frames
+
+    def spy(self: sync._IOLoop, frames: list[bytes]) -> None:
+        seen.append(threading.get_ident())
+        on_frames(self, frames)
+
+    monkeypatch.setattr(sync._IOLoop, "_on_frames", spy)
+    return seen
+
+
+def test_call_sends_and_receives_on_the_calling_thread_when_nothing_else_is_in_flight(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _receiving_threads(monkeypatch)
+    for i in range(20):
+        assert client.call(add, i, 1) == i + 1
+    me = threading.get_ident()
+    assert len(seen) == 40  # an acknowledgement and an outcome each
+    # The first call may find the I/O thread still starting; after it, none should.
+    assert seen[4:] == [me] * 36
+    seen.clear()
+    assert client.submit(add, 1, 1).result(timeout=5) == 2  # the usual way
+    assert seen and me not in seen
+
+
+def test_call_with_jobs_in_flight_goes_through_the_io_thread(holding_broker: FakeBroker) -> None:
+    with Client(holding_broker.address, ack_timeout=2.0) as c:
+        pending = [c.submit(add, i, i) for i in range(20)]
+        assert c.call(add, 5, 5, result_timeout=5) == 10
+        assert [job.result(timeout=5) for job in pending] == [2 * i for i in range(20)]
+
+
+def test_a_call_that_times_out_leaves_its_job_to_the_io_thread(broker: FakeBroker) -> None:
+    with Client(broker.address, ack_timeout=2.0) as c:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            c.call(add, 1, 2, queue="unanswered", result_timeout=0.2)
+        assert 0.2 <= time.monotonic() - start < 2
+        # The client goes on: the unanswered job is the I/O thread's now.
+        assert c.submit(add, 2, 2).result(timeout=5) == 4
+        assert c.call(add, 3, 3, result_timeout=5) == 6
+
+
+def test_call_not_acknowledged_and_after_close(broker: FakeBroker) -> None:
+    c = Client(broker.address, ack_timeout=0.2)
+    with pytest.raises(NotAcknowledged):
+        c.call(add, 1, 2, queue="silent", result_timeout=5)
+    assert c.call(add, 1, 2) == 3
+    c.close()
+    with pytest.raises(ClientClosed):
+        c.call(add, 1, 2)
+
+
+def test_close_ends_a_call_that_waits(broker: FakeBroker) -> None:
+    c = Client(broker.address, ack_timeout=2.0)
+    assert c.call(add, 0, 0) == 0  # the I/O thread is running and sleeps
+    got: list[BaseException] = []
+    started = threading.Event()
+
+    def wait_forever() -> None:
+        started.set()
+        try:
+            c.call(add, 1, 2, queue="unanswered")
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            got.append(exc)
+
+    t = threading.Thread(target=wait_forever)
+    t.start()
+    started.wait(5)
+    deadline = time.monotonic() + 5
+    while not broker.requests[-1].queue == "unanswered" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c.close(timeout=0.5)
+    t.join(timeout=5)
+    assert not t.is_alive()
+    assert len(got) == 1 and isinstance(got[0], ClientClosed)
+
+
+def test_a_close_landing_as_the_io_thread_goes_to_sleep_is_not_slept_through(
+    broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.client import sync
+
+    c = Client(broker.address, ack_timeout=10.0)
+    assert c.submit(add, 1, 1).result(timeout=5) == 2
+    closer = threading.Thread(target=c.close)
+    drain = sync._IOLoop._drain_wake
+    fired = threading.Event()
+
+    def close_meanwhile(self: sync._IOLoop) -> None:
+        # On its way to sleep (nothing in flight), between its look and its drain:
+        # close() sets the flag and writes its byte, which the drain then eats.
+        if self.client is c and not fired.is_set() and self.idle():
+            closer.start()
+            fired.set()
+            select.select([c._wake_r], [], [], 5)
+        drain(self)
+
+    monkeypatch.setattr(sync._IOLoop, "_drain_wake", close_meanwhile)
+    assert c.submit(add, 2, 2).result(timeout=5) == 4
+    assert fired.wait(5)
+    start = time.monotonic()
+    closer.join(timeout=15)
+    assert not closer.is_alive() and time.monotonic() - start < 2  # not the 10 s ack_timeout
+
+
+def test_calls_and_submits_from_many_threads(client: Client, broker: FakeBroker) -> None:
+    def work(t: int) -> list[int]:
+        out = []
+        for i in range(60):
+            if i % 3 == 0:
+                out.append(client.submit(add, t, i).result(timeout=10))
+            elif i % 3 == 1:
+                client.submit_with(add, (t, i), reply=False)
+                out.append(t + i)
+            else:
+                out.append(client.call(add, t, i, result_timeout=10))
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(8)))
+    assert results == [[t + i for i in range(60)] for t in range(8)]
+    client.close()
+    assert len(broker.requests) == 480
 
 
 # ---------------------------------------------------------------- asyncio client

@@ -28,6 +28,19 @@ def test_submit_and_result(client):
     assert job.id
 
 
+def test_call_runs_one_job_and_returns_its_value(client):
+    assert [client.call("corral.examples:add", i, i, result_timeout=10) for i in range(20)] == [
+        2 * i for i in range(20)
+    ]
+    with pytest.raises(JobFailed) as info:
+        client.call("corral.examples:fail", "boom", result_timeout=10)
+    assert info.value.type == "RuntimeError"
+    # The client is still usable the usual way afterwards, and queries go the quick way too.
+    job = client.submit("corral.examples:add", 1, 2)
+    assert job.result(timeout=10) == 3
+    assert client.job_info(job.id)["state"] == "succeeded"
+
+
 def test_remote_error_is_job_failed_with_traceback(client):
     job = client.submit("corral.examples:fail", "boom")
     with pytest.raises(JobFailed) as info:

@@ -19,8 +19,9 @@ class Job(Future[Any]):
     :class:`corral.errors.JobFailed` (the job raised), ``Rejected`` (the broker
     refused it), ``NotAcknowledged`` (the broker never confirmed it) or
     ``ClientClosed``. ``cancel()`` succeeds only while the job has not been
-    sent yet; a sent job runs to its end. Done-callbacks run on the client's
-    I/O thread, so they must be quick.
+    sent yet; a sent job runs to its end. Done-callbacks run on the thread
+    that receives the outcome (the client's I/O thread, or one waiting in
+    ``Client.call``), so they must be quick.
     """
 
     def __init__(self, job_id: str, queue: str) -> None:

@@ -5,6 +5,12 @@ jobs to a deque and, only if the I/O thread is asleep and not yet woken,
 write one byte to a socketpair it polls next to the DEALER: a submission is
 sent as soon as the I/O thread is scheduled (no polling interval), and a
 burst of submissions costs one wake-up and is sent in one pass.
+
+Whoever runs the loop holds ``_io_lock``. With nothing in flight the I/O
+thread lets go of it and sleeps on the socketpair alone, so a thread that
+calls the broker and waits (:meth:`Client.call`, queries) runs the loop
+itself: it sends and receives on the DEALER directly, without two thread
+hand-overs per call.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import socket
 import threading
 import weakref
@@ -105,6 +112,8 @@ class Client:
         self._close_deadline = math.inf
         self._stopped = False
         self._close_lock = threading.Lock()
+        #: Held by the thread that runs the I/O loop (see the module docstring).
+        self._io_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -195,6 +204,75 @@ class Client:
         broker has stored it; :meth:`job_info` reads the outcome later.
         """
         self._check_usable()
+        job = self._new_job(
+            fn,
+            args,
+            kwargs,
+            queue=queue,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+            headers=headers,
+            after=after,
+            reply=reply,
+        )
+        self._enqueue(job)
+        return job
+
+    def call(
+        self,
+        fn: Any,
+        /,
+        *args: Any,
+        queue: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        guarantee: bool = False,
+        label: str | None = None,
+        after: Iterable[Any] = (),
+        result_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a worker and return its value.
+
+        The same as ``submit(fn, *args, ...).result(result_timeout)``, with the
+        same options, but quicker for one call at a time: when the client has
+        nothing else in flight, the calling thread sends the job and receives
+        its outcome itself instead of through the client's I/O thread.
+        ``result_timeout`` (default ``None``) bounds the wait: then
+        ``TimeoutError`` is raised and the job still runs (``job_info`` tells
+        how it ended). Raises what :meth:`Job.result` raises.
+        """
+        self._check_usable()
+        job = self._new_job(
+            fn,
+            args,
+            kwargs,
+            queue=queue,
+            timeout=timeout,
+            retries=retries,
+            guarantee=guarantee,
+            label=label,
+            after=after,
+        )
+        return self._send_and_wait(job, result_timeout)
+
+    def _new_job(
+        self,
+        fn: Any,
+        args: Iterable[Any],
+        kwargs: Mapping[str, Any] | None,
+        *,
+        queue: str | None,
+        timeout: float | None,
+        retries: int,
+        guarantee: bool,
+        label: str | None,
+        after: Iterable[Any],
+        headers: Sequence[str] = (),
+        reply: bool = True,
+    ) -> Job:
         queue = queue_for(fn, queue)
         hdrs = make_headers(
             timeout=timeout,
@@ -210,7 +288,6 @@ class Client:
         job._reply = hdrs.reply_requested
         job._frames = request.to_frames()
         job._client = self
-        self._enqueue(job)
         return job
 
     # ------------------------------------------------------------ job records
@@ -226,8 +303,7 @@ class Client:
         msg = Query(new_msgid(), op, params)
         job = Job(msg.msgid, "")
         job._frames = msg.to_frames()
-        self._enqueue(job)
-        return job.result(timeout)
+        return self._send_and_wait(job, timeout)
 
     def job_info(self, job_id: str) -> dict[str, Any]:
         """A job's record: state, queue, attempts, worker, timestamps, result or error."""
@@ -341,8 +417,7 @@ class Client:
         msg = Listen(new_msgid(), "token", {"stream": job_id})
         job = Job(msg.msgid, "")
         job._frames = msg.to_frames()
-        self._enqueue(job)
-        return job.result(timeout)
+        return self._send_and_wait(job, timeout)
 
     def watch_workers(self, timeout: float = 10.0) -> WorkerEvents:
         """Subscribe to workers joining and leaving (see :class:`.WorkerEvents`).
@@ -533,6 +608,41 @@ class Client:
             # close() won the race: the I/O thread is gone, fail what it cannot send.
             self._fail_outbox()
 
+    def _send_and_wait(self, job: Job, timeout: float | None) -> Any:
+        """Send ``job`` and return its result, running the I/O loop here if it is free.
+
+        The loop is free when the I/O thread has nothing in flight and sleeps;
+        otherwise the job goes the usual way, through the I/O thread.
+        """
+        io, lock = self._io, self._io_lock
+        if io is None or not lock.acquire(blocking=False):
+            self._enqueue(job)
+            return job.result(timeout)
+        deadline = math.inf if timeout is None else monotonic() + timeout
+        led, busy = False, True
+        try:
+            led = not self._stopped
+            if led:
+                job._deadline = monotonic() + self.ack_timeout
+                self._outbox.append(job)
+                io.lead(job, deadline)
+            # What is still in flight (this job after a timeout, other threads' jobs)
+            # is the I/O thread's again. As in its own loop, the flag is lowered
+            # before looking, so a submitter coming later writes a wake-up byte.
+            self._signalled = False
+            busy = not io.idle()
+        finally:
+            lock.release()
+            if busy:
+                self._signalled = True
+                self._wake()
+        if not led:
+            self._enqueue(job)  # the I/O thread has ended: this fails the job
+            return job.result(timeout)
+        if timeout is None:
+            return job.result()
+        return job.result(max(0.0, deadline - monotonic()))
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -558,17 +668,19 @@ class Client:
         except Exception:
             log.exception("corral client I/O thread crashed")
         finally:
-            self._closing = True
-            self._stopped = True
-            self._fail_outbox()
-            for job in io.pending.values():
-                _settle_error(
-                    job, ClientClosed("the client was closed before the job's outcome arrived")
-                )
-            io.pending.clear()
-            self._sock.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            # Taken so that a thread running the loop (Client.call) is out of it first.
+            with self._io_lock:
+                self._closing = True
+                self._stopped = True
+                self._fail_outbox()
+                for job in io.pending.values():
+                    _settle_error(
+                        job, ClientClosed("the client was closed before the job's outcome arrived")
+                    )
+                io.pending.clear()
+                self._sock.close()
+                self._wake_r.close()
+                self._wake_w.close()
 
 
 class _IOLoop:
@@ -587,48 +699,92 @@ class _IOLoop:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
         self.disconnected = False
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(client._wake_r, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.wake_fd = client._wake_r.fileno()  # zmq.Poller reports plain sockets by fd
 
     def run(self) -> None:
         try:
             self._run()
         finally:
-            self.sock.disable_monitor()
-            self.monitor.close(0)
+            with self.client._io_lock:
+                self.client._stopped = True
+                self.sock.disable_monitor()
+                self.monitor.close(0)
 
     def _run(self) -> None:
-        client, sock = self.client, self.sock
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(client._wake_r, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-        wake_fd = client._wake_r.fileno()  # zmq.Poller reports plain sockets by fd
+        client, lock = self.client, self.client._io_lock
+        # With nothing in flight, sleep on the wake-up socket only and leave the
+        # DEALER to a thread that wants to send and wait itself (Client.call).
+        parking = select.poll()
+        parking.register(self.wake_fd, select.POLLIN)
         while True:
-            # `_signalled` is False only while we sleep in poll: a submitter that finds it
-            # False writes one wake-up byte. Lowered *before* the outbox is looked at, so a
-            # job appended after that look is always followed by a byte; while we are awake
-            # submitters make no system call (and so do not hand us the GIL once per job).
-            client._signalled = False
-            if client._outbox and not self.blocked:
-                timeout: int | None = 0
-            else:
-                timeout = self._poll_timeout()
-            events = poller.poll(timeout)
-            client._signalled = True
-            for item, _ in events:
-                if item == wake_fd:
+            with lock:
+                parked, limit = False, None
+                if self.idle():
                     self._drain_wake()
-                elif item is self.monitor:
-                    self._on_connection_events()
-            if events and any(item is sock for item, _ in events):
-                self._receive()
-            was_blocked = self.blocked
-            self._send()
-            if self.blocked != was_blocked:
-                poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if self.blocked else 0))
-            now = monotonic()
-            self._expire(now)
-            if client._closing and self._may_stop(now):
+                    client._signalled = False  # lowered before the last look, as below
+                    parked = self.idle()
+                    # What a drained byte announced is in plain sight now (a job, a
+                    # close): deal with it without sleeping first.
+                    limit = 0
+                if not parked:
+                    self.iterate(limit)
+                    if client._closing and self._may_stop(monotonic()):
+                        client._stopped = True  # before letting go: no one leads after this
+                        return
+            if parked:
+                parking.poll()
+
+    def iterate(self, limit: int | None) -> None:
+        """One pass: wait for something (at most ``limit`` ms), receive, send, expire."""
+        client, sock, poller = self.client, self.sock, self.poller
+        # `_signalled` is False only while we sleep in poll: a submitter that finds it
+        # False writes one wake-up byte. Lowered *before* the outbox is looked at, so a
+        # job appended after that look is always followed by a byte; while we are awake
+        # submitters make no system call (and so do not hand us the GIL once per job).
+        client._signalled = False
+        if client._outbox and not self.blocked:
+            timeout: int | None = 0
+        else:
+            timeout = self._poll_timeout()
+            if limit is not None and (timeout is None or timeout > limit):
+                timeout = limit
+        events = poller.poll(timeout)
+        client._signalled = True
+        for item, _ in events:
+            if item == self.wake_fd:
+                self._drain_wake()
+            elif item is self.monitor:
+                self._on_connection_events()
+        if events and any(item is sock for item, _ in events):
+            self._receive()
+        was_blocked = self.blocked
+        self._send()
+        if self.blocked != was_blocked:
+            poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if self.blocked else 0))
+        self._expire(monotonic())
+
+    def lead(self, job: Job, deadline: float) -> None:
+        """Run the loop in the calling thread until ``job`` is done, ``deadline`` or close()."""
+        client = self.client
+        while not job.done() and not client._closing:
+            left = deadline - monotonic()
+            if left <= 0:
                 return
+            self.iterate(None if left == math.inf else math.ceil(left * 1000))
+
+    def idle(self) -> bool:
+        """Nothing to send, nothing awaiting an answer, not closing."""
+        client = self.client
+        if client._outbox or self.pending or client._closing:
+            return False
+        unacked = self.unacked
+        while unacked and (unacked[0]._acked or unacked[0].done()):
+            unacked.popleft()
+        return not unacked
 
     def _poll_timeout(self) -> int | None:
         deadline = math.inf
