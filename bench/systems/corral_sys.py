@@ -26,8 +26,9 @@ class CorralAdapter(Adapter):
             "version": f"corral {metadata.version('corral')}",
             "broker": "corral broker, "
             + (f"--store {self.store}" if self.store else "SQLite store (WAL, group commit)"),
-            "worker": "one `corral worker -c SLOTS` (process pool), prefetch four jobs per "
-            "process (default; taken back for an idle process elsewhere)",
+            "worker": "one `corral worker -c SLOTS` (process pool), default prefetch (per "
+            "process as many jobs as run in 5 ms, 1 to 16; taken back for an idle process "
+            "elsewhere)",
             "jobs": "bench.tick functions allowed with --allow bench.tick",
             "client": "corral.Client; throughput/mixed: submit_with(reply=False); "
             "results: submit(), Job.result(); latency: call()",

@@ -248,8 +248,10 @@ _WORKER_OPTIONS = [
         type=click.IntRange(min=0),
         default=None,
         help="Jobs held beyond the number of processes, so a process that finishes "
-        "starts the next job at once [default: four per process]. A corral broker takes "
-        "a prefetched job back as soon as a process elsewhere is idle; 0 holds none.",
+        "starts the next job at once [default: with a corral broker, as many per process "
+        "as run in 5 ms at the recent run time, 1 to 16 (4 to start with); none with "
+        "EventMQ's router]. A corral broker takes a prefetched job back as soon as a "
+        "process elsewhere is idle; 0 holds none.",
     ),
     click.option(
         "--grace",

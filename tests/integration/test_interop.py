@@ -32,7 +32,6 @@ import zmq
 import corral
 from corral.admin import admin_request
 from corral.client.target import body_for
-from corral.worker.manager import PREFETCH_PER_PROCESS
 from tests.integration.emq import (
     JOB_PYTHONPATH,
     EmqAddrs,
@@ -203,12 +202,13 @@ STATUS_KEYS = {
 
 def test_emq_cli_reads_and_stops_corral_broker(cluster):
     broker = cluster.broker()
-    cluster.worker(concurrency=1, imports=("corral.examples",))
+    # A fixed prefetch: by default it follows the jobs' run time.
+    cluster.worker("--prefetch", "2", concurrency=1, imports=("corral.examples",))
     with corral.Client(cluster.addrs.frontend) as client:
         assert client.submit("corral.examples:add", 1, 2).result(timeout=10) == 3
-    # One process and its default prefetch slots.
+    # One process and its two prefetch slots.
     wait(
-        lambda: cluster.free_slots() == 1 + PREFETCH_PER_PROCESS,
+        lambda: cluster.free_slots() == 3,
         "the worker's slots free again",
         procs=[broker],
     )
@@ -225,7 +225,7 @@ def test_emq_cli_reads_and_stops_corral_broker(cluster):
     assert isinstance(workers, dict) and {"connected_workers", "connected_queues"} <= workers.keys()
     ((wid, winfo),) = workers["connected_workers"].items()
     assert {"queues", "hb", "available_slots"} <= winfo.keys()
-    assert winfo["available_slots"] == 1 + PREFETCH_PER_PROCESS and winfo["queues"] == [
+    assert winfo["available_slots"] == 3 and winfo["queues"] == [
         [10, "default"]
     ]
     assert workers["connected_queues"] == {"default": [[10, wid]]}

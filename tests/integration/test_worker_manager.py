@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import pytest
 import zmq
@@ -24,7 +25,13 @@ from corral.protocol import (
     parse,
     parse_headers,
 )
-from corral.worker.manager import WorkerConfig, WorkerManager
+from corral.worker.manager import (
+    PREFETCH_MAX_PER_PROCESS,
+    PREFETCH_PER_PROCESS,
+    PREFETCH_WINDOW,
+    WorkerConfig,
+    WorkerManager,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -61,7 +68,7 @@ class Broker:
 
 
 async def _started(
-    heartbeat: float = 3.0, ack_meta: dict | None = None, prefetch: int = 0
+    heartbeat: float = 3.0, ack_meta: dict | None = None, prefetch: int | None = 0
 ) -> tuple[Broker, WorkerManager, asyncio.Task[None]]:
     broker = Broker()
     manager = WorkerManager(
@@ -77,7 +84,7 @@ async def _started(
     inform = await broker.next(Inform, timeout=30)  # the pool starts first
     # Meta: a corral broker (by default one that takes READY only on its own).
     await broker.send(Ack(new_msgid(), inform.msgid, ack_meta or {}))
-    for _ in range(1 + prefetch):  # concurrency 1
+    for _ in range(1 + (PREFETCH_PER_PROCESS if prefetch is None else prefetch)):  # 1 process
         await broker.next(Ready)
     return broker, manager, task
 
@@ -204,6 +211,64 @@ def test_a_worker_that_lost_its_broker_says_which_jobs_it_still_runs() -> None:
         await broker.send(Abort(new_msgid(), job, "given to another worker"))
         reply = await broker.next(Reply)
         assert reply.ref == job and _value(reply)["error"]["type"] == "JobCancelled"
+        await _stop(broker, manager, task)
+
+    asyncio.run(main())
+
+
+def test_prefetch_follows_the_run_time_and_the_slots_offered_follow_it() -> None:
+    async def main() -> None:
+        # A corral broker (its ACK has meta), which takes READY on its own.
+        broker, manager, task = await _started(ack_meta={"reply_ready": 0}, prefetch=None)
+        offered = 1 + PREFETCH_PER_PROCESS  # READYs so far, minus jobs sent
+
+        async def run(fn: str, *args: object) -> None:
+            nonlocal offered
+            job = await broker.job(fn, *args)
+            offered -= 1
+            while True:
+                msg = await broker.next(Reply, Ready)
+                if isinstance(msg, Ready):
+                    offered += 1
+                elif msg.ref == job:
+                    return
+
+        async def settled() -> None:
+            # READYs sent after the last outcome may still be on their way.
+            nonlocal offered
+            while offered != 1 + manager.prefetch:
+                await broker.next(Ready, timeout=5)
+                offered += 1
+
+        for i in range(30):  # short jobs: hold as many as run in the window
+            await run("corral.examples:add", i, 1)
+        await settled()
+        run_time = manager.pool.run_time
+        assert run_time is not None
+        expected = min(PREFETCH_MAX_PER_PROCESS, max(1, math.ceil(PREFETCH_WINDOW / run_time)))
+        assert manager.prefetch == expected
+        # Jobs longer than the window: hold one. Slots already offered cannot be
+        # taken back; each ending job's slot is not offered again until they are used.
+        for _ in range(2 * PREFETCH_MAX_PER_PROCESS):
+            if offered == 2 and manager.prefetch == 1:
+                break
+            await run("corral.examples:sleep", 2 * PREFETCH_WINDOW)
+        assert offered == 2 and manager.prefetch == 1
+        for i in range(3):
+            await run("corral.examples:add", i, 2)  # and it keeps serving
+        await _stop(broker, manager, task)
+
+    asyncio.run(main())
+
+
+def test_a_fixed_prefetch_does_not_follow_the_run_time() -> None:
+    async def main() -> None:
+        broker, manager, task = await _started(prefetch=2)
+        for _ in range(3):
+            await broker.job("corral.examples:sleep", 2 * PREFETCH_WINDOW)
+            assert isinstance(await broker.next(Reply), Reply)
+            await broker.next(Ready)
+        assert manager.prefetch == 2
         await _stop(broker, manager, task)
 
     asyncio.run(main())

@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -301,7 +302,7 @@ _SERVING = (_State.STARTING, _State.IDLE, _State.BUSY)
 
 
 class _Job:
-    __slots__ = ("id", "frame", "timeout", "future", "done", "timer", "child")
+    __slots__ = ("id", "frame", "timeout", "future", "done", "timer", "child", "sent_at")
 
     def __init__(
         self,
@@ -317,6 +318,7 @@ class _Job:
         self.future = future
         self.done = done
         self.timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0
         self.child: _Child | None = None
 
 
@@ -422,6 +424,10 @@ class Pool:
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
+        #: Seconds from handing a job to a process to its outcome, a moving average
+        #: (a fifth of each new job; None until one has ended). One long job
+        #: weighs enough to bring it up at once.
+        self.run_time: float | None = None
 
     # -- public API --------------------------------------------------------
 
@@ -705,6 +711,7 @@ class Pool:
             child.state = _State.BUSY
             child.job = job
             job.child = child
+            job.sent_at = time.monotonic()
             self._write(child, job.frame)
             job.frame = b""  # sent (or copied to wbuf); do not hold big params
             if job.timeout is not None:
@@ -782,6 +789,8 @@ class Pool:
         child.job = None
         job.child = None
         child.jobs_done += 1
+        took = time.monotonic() - job.sent_at
+        self.run_time = took if self.run_time is None else 0.8 * self.run_time + 0.2 * took
         self._finish(job, frame)
         if child.exiting or (self._max_jobs is not None and child.jobs_done >= self._max_jobs):
             # The child exits by itself after its last job; replace it now.
