@@ -345,9 +345,10 @@ def test_call_with_jobs_in_flight_goes_through_the_io_thread(holding_broker: Fak
 def test_a_call_that_times_out_leaves_its_job_to_the_io_thread(broker: FakeBroker) -> None:
     with Client(broker.address, ack_timeout=2.0) as c:
         start = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError) as info:
             c.call(add, 1, 2, queue="unanswered", result_timeout=0.2)
         assert 0.2 <= time.monotonic() - start < 2
+        assert broker.requests[-1].msgid in str(info.value)
         # The client goes on: the unanswered job is the I/O thread's now.
         assert c.submit(add, 2, 2).result(timeout=5) == 4
         assert c.call(add, 3, 3, result_timeout=5) == 6

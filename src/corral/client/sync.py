@@ -241,8 +241,9 @@ class Client:
         nothing else in flight, the calling thread sends the job and receives
         its outcome itself instead of through the client's I/O thread.
         ``result_timeout`` (default ``None``) bounds the wait: then
-        ``TimeoutError`` is raised and the job still runs (``job_info`` tells
-        how it ended). Raises what :meth:`Job.result` raises.
+        ``TimeoutError`` is raised, naming the job, which still runs
+        (:meth:`job` or :meth:`job_info` with its id tell how it ended).
+        Raises what :meth:`Job.result` raises.
         """
         self._check_usable()
         job = self._new_job(
@@ -256,7 +257,14 @@ class Client:
             label=label,
             after=after,
         )
-        return self._send_and_wait(job, result_timeout)
+        try:
+            return self._send_and_wait(job, result_timeout)
+        except TimeoutError:
+            if job.done():
+                raise  # the job's own outcome (a TimeoutError it raised), not our wait
+            raise TimeoutError(
+                f"job {job.id} has no outcome after {result_timeout:g} s; it still runs"
+            ) from None
 
     def _new_job(
         self,
