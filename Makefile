@@ -41,6 +41,7 @@ bench: $(VENV)/.installed-test $(BENCH_VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache build src/*.egg-info

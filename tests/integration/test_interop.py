@@ -225,9 +225,7 @@ def test_emq_cli_reads_and_stops_corral_broker(cluster):
     assert isinstance(workers, dict) and {"connected_workers", "connected_queues"} <= workers.keys()
     ((wid, winfo),) = workers["connected_workers"].items()
     assert {"queues", "hb", "available_slots"} <= winfo.keys()
-    assert winfo["available_slots"] == 3 and winfo["queues"] == [
-        [10, "default"]
-    ]
+    assert winfo["available_slots"] == 3 and winfo["queues"] == [[10, "default"]]
     assert workers["connected_queues"] == {"default": [[10, wid]]}
     assert schedulers == {"connected_schedulers": {}}
 

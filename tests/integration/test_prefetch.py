@@ -53,8 +53,9 @@ def test_a_leaving_worker_hands_back_the_jobs_it_has_not_started(cluster):
         # The leaving worker gave the job back: it is waiting in the broker's queue
         # (it would otherwise run there after the 3 s job, within the grace period).
         wait_for(
-            lambda: (cluster.status() or {}).get("waiting_messages_by_queue", {}).get("default")
-            == 1,
+            lambda: (
+                (cluster.status() or {}).get("waiting_messages_by_queue", {}).get("default") == 1
+            ),
             what="the prefetched job back in its queue",
         )
         cluster.worker(concurrency=1, imports=("corral.examples",))

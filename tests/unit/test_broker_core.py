@@ -640,9 +640,7 @@ def test_cancelling_a_prefetched_job_says_it_never_started(h):
     waiting = h.submit()
     h.sent()
     assert h.core.cancel(waiting, h.now) == "queued"
-    assert [(i, m.ref) for d, i, m in h.sent() if m.command.value == "ABORT"] == [
-        (b"w1", waiting)
-    ]
+    assert [(i, m.ref) for d, i, m in h.sent() if m.command.value == "ABORT"] == [(b"w1", waiting)]
 
 
 def test_a_lost_workers_prefetched_job_runs_elsewhere_without_guarantee(h):
@@ -663,8 +661,16 @@ def test_a_lost_workers_prefetched_job_runs_elsewhere_without_guarantee(h):
 def test_a_restored_running_job_keeps_its_start_time(h):
     recs = [
         JobRecord(
-            id=i, queue="default", state="running", headers="", body=BODY, submitter=b"c",
-            submitted=1.0, started=started, attempts=1, worker_uuid="w1",
+            id=i,
+            queue="default",
+            state="running",
+            headers="",
+            body=BODY,
+            submitter=b"c",
+            submitted=1.0,
+            started=started,
+            attempts=1,
+            worker_uuid="w1",
         )  # fmt: skip
         for i, started in (("r1", 2.0), ("r2", 3.0))
     ]
