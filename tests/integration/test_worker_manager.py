@@ -263,11 +263,14 @@ def test_prefetch_follows_the_run_time_and_the_slots_offered_follow_it() -> None
 
 def test_a_fixed_prefetch_does_not_follow_the_run_time() -> None:
     async def main() -> None:
-        broker, manager, task = await _started(prefetch=2)
-        for _ in range(3):
-            await broker.job("corral.examples:sleep", 2 * PREFETCH_WINDOW)
-            assert isinstance(await broker.next(Reply), Reply)
-            await broker.next(Ready)
+        broker, manager, task = await _started(ack_meta={"reply_ready": 0}, prefetch=2)
+        for i in range(10):  # short jobs: an adaptive prefetch would offer more slots
+            job = await broker.job("corral.examples:add", i, 1)
+            reply = await broker.next(Reply, Ready)
+            assert isinstance(reply, Reply) and reply.ref == job
+            assert isinstance(await broker.next(Reply, Ready), Ready)  # its slot, once
+        with pytest.raises(asyncio.TimeoutError):
+            await broker.next(Ready, timeout=0.5)  # and no other
         assert manager.prefetch == 2
         await _stop(broker, manager, task)
 

@@ -623,29 +623,29 @@ class Client:
         otherwise the job goes the usual way, through the I/O thread.
         """
         io, lock = self._io, self._io_lock
-        if io is None or not lock.acquire(blocking=False):
-            self._enqueue(job)
-            return job.result(timeout)
         deadline = math.inf if timeout is None else monotonic() + timeout
-        led, busy = False, True
-        try:
-            led = not self._stopped
-            if led:
-                job._deadline = monotonic() + self.ack_timeout
-                self._outbox.append(job)
-                io.lead(job, deadline)
-            # What is still in flight (this job after a timeout, other threads' jobs)
-            # is the I/O thread's again. As in its own loop, the flag is lowered
-            # before looking, so a submitter coming later writes a wake-up byte.
-            self._signalled = False
-            busy = not io.idle()
-        finally:
-            lock.release()
-            if busy:
-                self._signalled = True
-                self._wake()
+        led = False
+        if io is not None and lock.acquire(blocking=False):
+            busy = True
+            try:
+                led = not self._stopped
+                if led:
+                    job._deadline = monotonic() + self.ack_timeout
+                    self._outbox.append(job)
+                    io.lead(job, deadline)
+                # What is still in flight (this job after a timeout, other threads'
+                # jobs) is the I/O thread's again. As in its own loop, the flag is
+                # lowered before looking, so a submitter coming later writes a byte.
+                self._signalled = False
+                busy = not io.idle()
+            finally:
+                lock.release()
+                if busy:
+                    self._signalled = True
+                    self._wake()
         if not led:
-            self._enqueue(job)  # the I/O thread has ended: this fails the job
+            # The I/O thread runs the loop (or has ended: then this fails the job).
+            self._enqueue(job)
             return job.result(timeout)
         if timeout is None:
             return job.result()

@@ -301,7 +301,7 @@ class WorkerManager:
                 # and the slot it took is free again.
                 if exc.msgid not in self.running:
                     error = encode_outcome_error("BadRequest", exc.detail)
-                    self._reply(exc.msgid, error, self._slot_free())
+                    self._reply(exc.msgid, error, self._reoffer_slot())
             return
         if isinstance(msg, Request):
             self._on_request(msg)
@@ -326,7 +326,7 @@ class WorkerManager:
         elif isinstance(msg, Abort):
             self._on_abort(msg)
         elif isinstance(msg, Recall):
-            if self._release(msg.ref) and self._slot_free():
+            if self._release(msg.ref) and self._reoffer_slot():
                 self._send_ready(1)
         elif isinstance(msg, Kbye):
             self._informed = False
@@ -385,11 +385,14 @@ class WorkerManager:
         if self.running.pop(job_id, None) is None:
             return
         self.processed += 1
-        self._reply(job_id, outcome, self._slot_free())
+        self._reply(job_id, outcome, self._reoffer_slot())
         self._adapt_prefetch()
 
-    def _slot_free(self) -> bool:
-        """Whether a slot that just freed is offered to the broker (READY)."""
+    def _reoffer_slot(self) -> bool:
+        """A slot just freed: whether to offer it to the broker again (READY).
+
+        After prefetch went down, the freed slot is kept instead (one fewer withheld).
+        """
         if not self._informed or self._draining:
             return False
         if self._withheld:
