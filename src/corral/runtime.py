@@ -84,6 +84,8 @@ class _Sink:
         self.coalesced = 0
         self.sending = False
         self.closing = False
+        #: The current job put something (its outcome must follow it, in order).
+        self.used = False
         self.pid = os.getpid()
         self.thread = threading.Thread(target=self._run, name="corral-stream", daemon=True)
         self.thread.start()
@@ -92,26 +94,33 @@ class _Sink:
         with self.cond:
             self.job = job_id
             self.dropped = self.coalesced = 0
+            self.used = False
 
-    def end(self) -> None:
-        """Stop taking messages and wait until everything taken is sent."""
+    def end(self) -> bool:
+        """Stop taking messages and wait until everything taken is sent.
+
+        Returns whether the job put anything on its stream (kept or dropped).
+        """
         with self.cond:
+            used = self.used
             if not (self.buf or self.sending):
-                # Nothing was put: the sender sleeps with nothing to do. Waking it
-                # would cost a thread switch (and the GIL) just before the outcome.
+                # Nothing left to send: the sender sleeps with nothing to do. Waking
+                # it would cost a thread switch (and the GIL) just before the outcome.
                 self.job = None
-                return
+                return used
             self.closing = True
             self.cond.notify_all()
             while self.buf or self.sending:
                 self.cond.wait(1.0)
             self.job = None
             self.closing = False
+            return used
 
     def put(self, kind: str, entry: bytes) -> None:
         with self.cond:
             if self.job is None or self.closing:
                 return
+            self.used = True
             if kind == "progress" and self.progress is not None:
                 self.progress[1] = entry
                 return
@@ -358,12 +367,14 @@ def begin(job_id: str) -> None:
         _current = job_id
 
 
-def end() -> None:
-    """The job ended: send what it put before its outcome is sent."""
+def end() -> bool:
+    """The job ended: send what it put before its outcome is sent.
+
+    Returns whether the job put anything on its stream.
+    """
     global _current
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, _Capture):
             stream.end()
     _current = None
-    if _sink is not None:
-        _sink.end()
+    return _sink.end() if _sink is not None else False

@@ -41,6 +41,21 @@ def test_call_runs_one_job_and_returns_its_value(client):
     assert client.job_info(job.id)["state"] == "succeeded"
 
 
+def test_outcomes_of_jobs_run_one_at_a_time_come_from_their_processes(up, client):
+    # A job that starts at once on an idle process has its outcome sent by that
+    # process to the broker (its first one connects first, and goes the usual way).
+    for i in range(30):
+        assert client.call("corral.examples:add", i, 1, result_timeout=10) == i + 1
+    status = up.status()
+    assert 0 < status["direct_outcomes"] <= status["jobs_completed"]
+    assert status["unknown_replies"] == 0 and status["duplicate_outcomes"] == 0
+    # Their jobs' records are those of jobs run by the worker.
+    job = client.submit("corral.examples:add", 1, 1)
+    assert job.result(timeout=10) == 2
+    info = client.job_info(job.id)
+    assert info["state"] == "succeeded" and info["worker_uuid"]
+
+
 def test_remote_error_is_job_failed_with_traceback(client):
     job = client.submit("corral.examples:fail", "boom")
     with pytest.raises(JobFailed) as info:

@@ -19,7 +19,9 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
+from corral.protocol import PROTOCOL
 from corral.worker.pool import Pool
 
 pytestmark = pytest.mark.integration
@@ -110,10 +112,11 @@ async def test_runs_tasks_functions_and_methods() -> None:
 @async_test
 async def test_a_body_is_run_as_received_and_a_malformed_one_is_a_bad_request() -> None:
     async with started() as pool:
-        seen: list[tuple[str, bytes]] = []
+        seen: list[tuple[str, bytes, bool]] = []
         body = json.dumps(["run", job("add", 2, 5)]).encode()
         outcome = await pool.run_body("ok", body, None, lambda *done: seen.append(done))
-        assert value(outcome) == 7 and seen == [("ok", outcome)]  # called with the outcome
+        # Called with the outcome; it came back through the pool (no direct_to).
+        assert value(outcome) == 7 and seen == [("ok", outcome, False)]
         for bad in (b"{not json", b'["stop", {}]', b'["run", [1]]', b"[" * 5000 + b"]" * 5000):
             err = error(await pool.run_body("bad", bad, None))
             assert err["type"] == "BadRequest", err
@@ -364,3 +367,129 @@ def test_children_exit_when_the_parent_dies(tmp_path: Path) -> None:
     while not all(gone(pid) for pid in pids):
         assert time.monotonic() < deadline, "children outlived their parent"
         time.sleep(0.02)
+
+
+# -- outcomes a child sends the broker itself --------------------------------
+
+
+@asynccontextmanager
+async def broker_socket() -> AsyncIterator[tuple[zmq.Socket, str]]:
+    """A ROUTER standing in for the broker's backend, on a free loopback port."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:0")
+    try:
+        yield sock, sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    finally:
+        sock.close()
+
+
+def body_of(name: str, *args: Any, path: str = "tests.jobs") -> bytes:
+    return json.dumps(["run", job(name, *args, path=path)]).encode()
+
+
+async def run_direct(
+    pool: Pool, job_id: str, body: bytes, offer_slot: bool = True
+) -> tuple[bytes, bool]:
+    seen: list[tuple[str, bytes, bool]] = []
+    outcome = await pool.run_body(
+        job_id, body, None, lambda *done: seen.append(done), direct=True, offer_slot=offer_slot
+    )
+    [(done_id, done_outcome, delivered)] = seen
+    assert done_id == job_id and done_outcome == outcome
+    return outcome, delivered
+
+
+async def until_delivered(pool: Pool, deadline: float = 15.0) -> tuple[str, bytes]:
+    """Run direct jobs until one's outcome was sent by its process.
+
+    A process connects on its first direct job, whose outcome comes through the
+    pool like the next ones until the connection is up."""
+    end = time.monotonic() + deadline
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        outcome, delivered = await run_direct(pool, f"warm-{n}", body_of("add", n, 1))
+        assert value(outcome) == n + 1
+        if delivered:
+            return f"warm-{n}", outcome
+        await asyncio.sleep(0.02)
+    raise AssertionError("no outcome was sent by its process in time")
+
+
+def received(sock: zmq.Socket, timeout_ms: int = 5000) -> list[bytes]:
+    assert sock.poll(timeout_ms), "nothing reached the broker"
+    return sock.recv_multipart()
+
+
+@async_test
+async def test_a_direct_jobs_process_sends_its_outcome_to_the_broker_itself() -> None:
+    async with broker_socket() as (sock, address):
+        async with started(1, direct_to=(address, "worker-1")) as pool:
+            job_id, outcome = await until_delivered(pool)
+            identity, *frames = received(sock)
+            assert identity == f"worker-1/{pool.pids[0]}".encode()
+            assert frames[:3] == [b"", PROTOCOL, b"REPLY"]
+            # The outcome, the job, and READY for its slot: one message, as from a worker.
+            assert frames[4:] == [outcome, job_id.encode(), b"ready"]
+            # Without the slot: no READY frame (the worker decides about that slot).
+            outcome, delivered = await run_direct(pool, "no-slot", body_of("add", 2, 2), False)
+            assert delivered and value(outcome) == 4
+            assert received(sock)[5:] == [outcome, b"no-slot"]
+            # A job not marked direct reports through the pool only.
+            assert value(await pool.run("plain", job("add", 3, 3), None)) == 6
+            assert not sock.poll(200)
+
+
+@async_test
+async def test_without_direct_to_a_direct_job_reports_through_the_pool() -> None:
+    async with started(1) as pool:
+        for n in range(3):
+            outcome, delivered = await run_direct(pool, f"j{n}", body_of("add", n, n))
+            assert value(outcome) == 2 * n and not delivered
+
+
+@async_test
+async def test_a_direct_job_that_put_messages_on_its_stream_reports_through_the_pool() -> None:
+    streamed: list[tuple[str, float]] = []
+
+    def on_stream(job_id: str, entries: list[bytes]) -> None:
+        streamed.append((job_id, time.monotonic()))
+
+    async with broker_socket() as (sock, address):
+        async with started(
+            1,
+            allow=["tests", "corral.examples"],
+            direct_to=(address, "worker-1"),
+            on_stream=on_stream,
+            stream_options={},
+        ) as pool:
+            await until_delivered(pool)
+            received(sock)
+            outcome, delivered = await run_direct(
+                pool, "counts", body_of("count", 2, 0, path="corral.examples")
+            )
+            # Its stream messages reach the worker before its outcome, which follows
+            # them the same way, so none can be overtaken.
+            assert value(outcome) == 2 and not delivered
+            assert streamed and {job_id for job_id, _ in streamed} == {"counts"}
+            assert not sock.poll(200)
+
+
+@async_test
+async def test_a_process_killed_just_after_sending_an_outcome_itself_has_it_resent() -> None:
+    resent: list[tuple[str, bytes]] = []
+    async with broker_socket() as (sock, address):
+        async with started(
+            1, direct_to=(address, "worker-1"), resend=lambda *r: resent.append(r)
+        ) as pool:
+            job_id, outcome = await until_delivered(pool)
+            pid = pool.pids[0]
+            os.kill(pid, signal.SIGKILL)  # it may have died before the outcome left
+            end = time.monotonic() + 10
+            while not resent and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+            assert resent == [(job_id, outcome)]
+            # The replacement runs jobs as before; a clean exit re-sends nothing.
+            assert value(await pool.run("after", job("add", 1, 1), None)) == 2
+        assert resent == [(job_id, outcome)]

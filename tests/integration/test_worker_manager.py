@@ -13,6 +13,7 @@ import zmq.asyncio
 from corral.protocol import (
     Abort,
     Ack,
+    Error,
     Inform,
     Kbye,
     Message,
@@ -46,12 +47,17 @@ class Broker:
         self.sock.bind("tcp://127.0.0.1:0")
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.worker = b""
+        #: Who sent the last message returned by next(): the worker, or one of its
+        #: job processes ("<worker>/<pid>", which only sends outcomes).
+        self.sender = b""
 
     async def next(self, *kinds: type[Message], timeout: float = 10.0) -> Message:
         """The next message of one of ``kinds`` (others, e.g. heartbeats, are skipped)."""
         while True:
             identity, *frames = await asyncio.wait_for(self.sock.recv_multipart(), timeout)
-            self.worker = identity
+            self.sender = identity
+            if b"/" not in identity:
+                self.worker = identity
             msg = parse(frames)
             if isinstance(msg, kinds):
                 return msg
@@ -275,3 +281,81 @@ def test_a_fixed_prefetch_does_not_follow_the_run_time() -> None:
         await _stop(broker, manager, task)
 
     asyncio.run(main())
+
+
+DIRECT = {"reply_ready": 1, "direct_outcomes": 1}
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def _until_direct(broker: Broker) -> str:
+    """Jobs one at a time until one's outcome comes from its process (connected by then)."""
+    for n in range(200):
+        job = await broker.job("corral.examples:add", n, 1)
+        reply = await broker.next(Reply)
+        assert reply.ref == job and _value(reply) == {"value": n + 1}
+        if broker.sender != broker.worker:
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError("no outcome came from the job's process")
+
+
+def test_with_the_offer_a_job_on_an_idle_process_has_its_outcome_sent_by_that_process() -> None:
+    async def scenario() -> None:
+        broker, manager, task = await _started(ack_meta=DIRECT, prefetch=None)
+        job = await _until_direct(broker)
+        assert broker.sender == broker.worker + f"/{manager.pool.pids[0]}".encode()
+        # The worker hears of it from its process (just after the broker did).
+        await _until(lambda: job in manager._recent)  # kept for re-sending
+        assert manager.delivered >= 1
+        # The outcome came with READY for its slot, and the worker sent neither
+        # again: the next REPLY or READY is the next job's outcome.
+        nxt = await broker.job("corral.examples:add", 2, 2)
+        reply = await broker.next(Reply, Ready)
+        assert isinstance(reply, Reply) and reply.ref == nxt and reply.ready
+        await _stop(broker, manager, task)
+
+    asyncio.run(scenario())
+
+
+def test_an_outcome_sent_by_its_process_is_sent_again_after_a_reconnect() -> None:
+    async def scenario() -> None:
+        broker, manager, task = await _started(ack_meta=DIRECT, heartbeat=0.3, prefetch=None)
+        job = await _until_direct(broker)
+        # The broker "restarts": it forgets the worker, which registers again
+        # and re-sends its recent outcomes, this one among them.
+        await broker.send(Error(new_msgid(), "unknown-worker", "restarted"))
+        inform = await broker.next(Inform)
+        await broker.send(Ack(new_msgid(), inform.msgid, DIRECT))
+        resent = set()
+        while job not in resent:
+            msg = await broker.next(Reply)
+            assert broker.sender == broker.worker
+            resent.add(msg.ref)
+        await _stop(broker, manager, task)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_queued_behind_another_reports_through_the_worker() -> None:
+    async def scenario() -> None:
+        broker, manager, task = await _started(ack_meta=DIRECT, prefetch=None)
+        await _until_direct(broker)
+        # One process: the second job waits in the worker behind the first.
+        first = await broker.job("corral.examples:sleep", 0.3)
+        second = await broker.job("corral.examples:add", 1, 1)
+        got = {}
+        while len(got) < 2:
+            msg = await broker.next(Reply)
+            got[msg.ref] = broker.sender
+        assert got[first] != broker.worker  # it started at once on the idle process
+        assert got[second] == broker.worker
+        await _stop(broker, manager, task)
+
+    asyncio.run(scenario())

@@ -696,3 +696,46 @@ def test_a_jobs_first_record_is_new_to_the_store_and_later_ones_are_updates(h):
     again = h.submit(msgid=job)
     new, updates, _, _ = h.core.take_job_changes()
     assert ([r.id for r in new], updates) == ([again], [])
+
+
+def test_a_corral_worker_is_told_its_processes_may_send_outcomes(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.inform(b"emq")
+    acks = {i: m.meta for _, i, m in h.sent() if m.command.value == "ACK"}
+    assert acks[b"w1"]["direct_outcomes"] == 1
+    assert acks[b"emq"] is None
+
+
+def test_an_outcome_from_a_workers_process_counts_as_the_workers(h):
+    h.inform(b"w1", meta=CORRAL)
+    h.ready(b"w1")
+    first, second = h.submit(), h.submit()
+    assert h.dispatched(h.sent()) == [(b"w1", first)]
+    h.now += 5
+    reply_ready(h, b"w1/4242", first)  # the job's process, with READY for the slot
+    out = h.sent()
+    assert [m.ref for m in outcomes(out)] == [first]
+    # The slot came back to w1 (not to a peer of its own): the next job goes there.
+    assert h.dispatched(out) == [(b"w1", second)]
+    worker = h.core.workers[b"w1"]
+    assert worker.last_seen == h.now and worker.processed == 1
+    assert b"w1/4242" not in h.core.workers
+    status = h.core.status(h.now)
+    assert status["direct_outcomes"] == 1 and status["unknown_replies"] == 0
+    # A second copy of that outcome (the worker re-sends it) is a counted duplicate.
+    h.reply(b"w1", first)
+    assert outcomes(h.sent()) == [] and h.core.stats.duplicate_outcomes == 1
+
+
+def test_an_outcome_from_a_process_of_an_unknown_or_eventmq_worker_is_not_credited(h):
+    h.inform(b"emq")  # an EventMQ job manager: its REPLYs come from itself only
+    h.ready(b"emq")
+    job = h.submit()
+    assert h.dispatched(h.sent()) == [(b"emq", job)]
+    reply_ready(h, b"emq/1", job)
+    reply_ready(h, b"ghost/1", new_msgid())
+    assert h.core.stats.direct_outcomes == 0
+    assert h.core.workers[b"emq"].processed == 0
+    # As any REPLY from a peer that never registered: the sender is asked to.
+    errors = [(i, m.reason) for _, i, m in h.sent() if m.command.value == "ERROR"]
+    assert (b"ghost/1", "unknown-worker") in errors

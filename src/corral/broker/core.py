@@ -111,6 +111,8 @@ class Stats:
     completed: int = 0
     unknown_replies: int = 0
     duplicate_outcomes: int = 0
+    #: Outcomes sent by a corral worker's job process itself (direct_outcomes).
+    direct_outcomes: int = 0
     internal_errors: int = 0
     workers_lost: int = 0
     requeued: int = 0
@@ -192,7 +194,8 @@ class BrokerCore:
         #: Meta sent with the ACK of a corral worker's INFORM (what this broker offers).
         #: What the ACK to a corral worker's INFORM tells it (a corral broker always sends
         #: one, so the worker knows it may use corral's commands); extensions add to it.
-        self.worker_ack_meta: dict[str, Any] = {"reply_ready": 1}
+        #: direct_outcomes: outcomes may come from a worker's job processes (see on_backend).
+        self.worker_ack_meta: dict[str, Any] = {"reply_ready": 1, "direct_outcomes": 1}
 
     # ------------------------------------------------------------ entry points
 
@@ -236,6 +239,14 @@ class BrokerCore:
         if msg is None:
             return
         worker = self.workers.get(identity)
+        if worker is None and isinstance(msg, Reply):
+            # A corral worker's job process sends outcomes itself, as "<worker>/<pid>":
+            # they count as the worker's. (One whose worker is not known yet, after a
+            # restart, is handled as any REPLY from an unknown peer; its worker re-sends.)
+            owner = self.workers.get(identity.rpartition(b"/")[0])
+            if owner is not None and owner.corral:
+                identity, worker = owner.identity, owner
+                self.stats.direct_outcomes += 1
         if worker is not None:
             worker.last_seen = now
         if isinstance(msg, Ready):
@@ -1118,6 +1129,7 @@ class BrokerCore:
             "workers_awaited_after_restore": len(self.orphans),
             "unknown_replies": self.stats.unknown_replies,
             "duplicate_outcomes": self.stats.duplicate_outcomes,
+            "direct_outcomes": self.stats.direct_outcomes,
             "internal_errors": self.stats.internal_errors,
             "malformed_messages": dict(self.stats.malformed),
         }

@@ -98,6 +98,12 @@ class WorkerConfig:
     capture_output: bool = False
     stream_log_level: str | None = "info"
     stream_buffer: int = 10_000
+    #: With a corral broker, a job that starts at once on an idle process has its
+    #: outcome sent by that process straight to the broker (over a connection of
+    #: its own to ``backend``): one hop fewer for a client waiting on it. Jobs
+    #: that queue behind others, and jobs that put messages on their stream,
+    #: report through the worker as always.
+    direct_outcomes: bool = True
 
 
 class WorkerManager:
@@ -117,9 +123,15 @@ class WorkerManager:
                 "log_level": config.stream_log_level,
                 "capture": config.capture_output,
             },
+            direct_to=(config.backend, config.identity) if config.direct_outcomes else None,
+            resend=self._resend_outcome,
         )
         self.running: dict[str, asyncio.Future[bytes]] = {}
         self.processed = 0
+        #: Outcomes the job's process sent to the broker itself (direct_outcomes),
+        #: and the jobs whose process is to send READY for their slot with it.
+        self.delivered = 0
+        self._offered: set[str] = set()
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._sock: zmq.Socket | None = None
         self._watcher: SocketWatcher | None = None
@@ -135,6 +147,8 @@ class WorkerManager:
         self._corral_broker = False
         #: The broker takes READY as a third frame of REPLY (one message per job).
         self._reply_ready = False
+        #: The broker takes outcomes from this worker's processes (see direct_outcomes).
+        self._direct = False
         #: Jobs held per process when prefetch adapts to the run time (see
         #: PREFETCH_WINDOW), and slots not offered again after it went down.
         self._depth = PREFETCH_PER_PROCESS
@@ -226,6 +240,7 @@ class WorkerManager:
             log.warning("grace period over; %d job(s) abandoned to the broker", len(abandoned))
         self._send([b"KBYE"])
         self.running.clear()
+        self._offered.clear()
         await self.pool.close(grace=0)
         if self._watcher:
             self._watcher.close()
@@ -316,6 +331,7 @@ class WorkerManager:
                 # corral commands (streams, the two-step goodbye).
                 self._corral_broker = msg.meta is not None
                 self._reply_ready = bool((msg.meta or {}).get("reply_ready"))
+                self._direct = bool((msg.meta or {}).get("direct_outcomes"))
                 self.streams.registered(bool((msg.meta or {}).get("streams")), self._reconnected)
                 self._resend_recent()
                 self._withheld = 0  # the broker counts this worker's slots from zero
@@ -359,9 +375,26 @@ class WorkerManager:
             return  # the broker re-sent a job we already run
         timeout = msg.headers.timeout or None
         self.streams.start(job_id)
+        # A job that starts now, with nothing queued before it, is most likely one a
+        # client waits for: its process sends the outcome to the broker itself. Under
+        # load (jobs queued here) outcomes come through this process.
+        direct = (
+            self._direct
+            and self._informed
+            and not self._draining
+            and self.pool.free_slots > 0
+            and not self.pool.waiting
+        )
+        # READY for the slot goes with that outcome unless a slot is being withheld
+        # (then _on_done decides, as for any job).
+        offer = direct and self._reply_ready and not self._withheld
+        if offer:
+            self._offered.add(job_id)
         # The body goes to the pool as it came; the child decodes it (and refuses a
         # malformed one with BadRequest).
-        self.running[job_id] = self.pool.run_body(job_id, msg.body, timeout, self._on_done)
+        self.running[job_id] = self.pool.run_body(
+            job_id, msg.body, timeout, self._on_done, direct, offer
+        )
 
     def _on_abort(self, msg: Abort) -> None:
         if msg.ref not in self.running:
@@ -376,16 +409,28 @@ class WorkerManager:
         if job_id not in self.running or not self.pool.withdraw(job_id):
             return False  # started (or ended) already: its outcome will tell
         del self.running[job_id]
+        self._offered.discard(job_id)
         self.streams.finish(job_id)
         self._send([b"RELEASE", job_id.encode()])
         return True
 
-    def _on_done(self, job_id: str, outcome: bytes) -> None:
+    def _on_done(self, job_id: str, outcome: bytes, delivered: bool = False) -> None:
         self.streams.finish(job_id)  # its stream messages go before its outcome
+        offered = job_id in self._offered
+        if offered:
+            self._offered.discard(job_id)
         if self.running.pop(job_id, None) is None:
             return
         self.processed += 1
-        self._reply(job_id, outcome, self._reoffer_slot())
+        if delivered:
+            # Its process sent the outcome to the broker (kept here for re-sending),
+            # with READY for the slot if it was offered.
+            self.delivered += 1
+            self._keep(job_id, outcome)
+            if not offered and self._reoffer_slot():
+                self._send_ready(1)
+        else:
+            self._reply(job_id, outcome, self._reoffer_slot())
         self._adapt_prefetch()
 
     def _reoffer_slot(self) -> bool:
@@ -418,11 +463,20 @@ class WorkerManager:
         if change > taken_back and self._informed and not self._draining:
             self._send_ready(change - taken_back)
 
-    def _reply(self, job_id: str, outcome: bytes, ready: bool) -> None:
-        """Send a job's outcome, and READY for its slot when ``ready``."""
+    def _keep(self, job_id: str, outcome: bytes) -> None:
         self._recent[job_id] = outcome
         if len(self._recent) > self.config.resend_window:
             self._recent.popitem(last=False)
+
+    def _resend_outcome(self, job_id: str, outcome: bytes) -> None:
+        """An outcome a process sent the broker itself, then died: it may not have left."""
+        log.info("the process that ran job %s died just after sending its outcome; re-sent", job_id)
+        if self._sock is not None:
+            self._send([b"REPLY", outcome, job_id.encode()])
+
+    def _reply(self, job_id: str, outcome: bytes, ready: bool) -> None:
+        """Send a job's outcome, and READY for its slot when ``ready``."""
+        self._keep(job_id, outcome)
         if ready and self._reply_ready:
             self._send([b"REPLY", outcome, job_id.encode(), READY_FLAG])
             return

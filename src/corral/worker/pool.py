@@ -9,12 +9,16 @@ crash or recycling). As with any of those two, the main script needs an
 ``if __name__ == "__main__":`` guard.
 
 Each child owns one end of a socketpair. The parent sends one job at a time
-to an idle child as a length-prefixed msgpack frame ``[job_id, params]`` and
-gets back one frame: the job's outcome, already encoded as the JSON that goes
-on the wire. The parent watches the sockets and each child's sentinel with
-``loop.add_reader``, so it never blocks and needs no thread per job. Time
-limits, cancellation and shutdown are enforced from the parent with SIGKILL,
-which works whatever the child is doing (``time.sleep``, C code, a deadlock).
+to an idle child as a length-prefixed frame (flags, the job's id, its eMQP
+body) and gets back one frame: the job's outcome, already encoded as the JSON
+that goes on the wire. A job marked *direct* has its outcome sent by the child
+straight to the broker (one hop fewer on a job someone waits for), with READY
+for its slot if the parent says so, and the frame back says it was sent; the
+parent keeps it for re-sending as it keeps its own. The parent watches the
+sockets and each child's sentinel with ``loop.add_reader``, so it never
+blocks and needs no thread per job. Time limits, cancellation and shutdown
+are enforced from the parent with SIGKILL, which works whatever the child is
+doing (``time.sleep``, C code, a deadlock).
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
+import zmq
 
 from corral import runtime
 from corral.errors import CorralError
+from corral.protocol import PROTOCOL, READY_FLAG, new_tag
 from corral.worker.loader import Loader, check_prefixes
 
 __all__ = ["Pool", "error_outcome"]
@@ -55,11 +61,18 @@ _READY = b"R"
 _FAILED = b"E"
 # A batch of the running job's stream messages (see corral.runtime); outcomes are JSON.
 _STREAM = b"S"[0]
+# An outcome the child has sent to the broker itself (a direct job), then the outcome.
+_DELIVERED = b"D"
 
 _json = msgspec.json.Encoder()
 _msgpack_decode = msgspec.msgpack.Decoder().decode
-# A job for a child: 2-byte length of its id, the id, the body JSON.
-_ID_SIZE = struct.Struct("!H")
+# A job for a child: flags, 2-byte length of its id, the id, the body JSON.
+_JOB_HEAD = struct.Struct("!BH")
+_FLAG_DIRECT = 1
+_FLAG_READY = 2  # ... with READY for the job's slot
+#: Seconds after a child sent an outcome itself within which its death (a kill,
+#: a crash) may have kept it from leaving the process: the parent re-sends it.
+_RESEND_AFTER_DEATH = 1.0
 _body_decode = msgspec.json.Decoder(tuple[str, dict[str, Any]]).decode
 
 
@@ -171,16 +184,65 @@ def _die_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-def _job_payload(job_id: str, body: bytes) -> bytes:
-    """What the parent sends a child for one job: the id, then the eMQP body as received."""
+def _job_payload(job_id: str, body: bytes, flags: int = 0) -> bytes:
+    """What the parent sends a child for one job: flags, the id, the eMQP body as received."""
     raw_id = job_id.encode()
-    return _ID_SIZE.pack(len(raw_id)) + raw_id + body
+    return _JOB_HEAD.pack(flags, len(raw_id)) + raw_id + body
 
 
-def _job_frame(payload: bytes) -> tuple[str, bytes]:
-    (size,) = _ID_SIZE.unpack_from(payload)
-    end = _ID_SIZE.size + size
-    return payload[_ID_SIZE.size : end].decode(), payload[end:]
+def _job_frame(payload: bytes) -> tuple[str, bytes, int]:
+    flags, size = _JOB_HEAD.unpack_from(payload)
+    end = _JOB_HEAD.size + size
+    return payload[_JOB_HEAD.size : end].decode(), payload[end:], flags
+
+
+class _Direct:
+    """A child's own connection to the broker's backend, for the outcomes of direct jobs.
+
+    Its identity is the worker's followed by ``/`` and the child's pid: the
+    broker credits what comes from it to that worker. Connected on the first
+    direct job; until the connection is up (and whenever the broker is away)
+    :meth:`send` says no and the outcome goes the usual way, through the parent.
+    """
+
+    #: Milliseconds a child that exits gives its last outcome to leave.
+    LINGER_MS = 5000
+
+    def __init__(self, address: str, identity: str) -> None:
+        self.address = address
+        self.identity = f"{identity}/{os.getpid()}".encode()
+        self.ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+
+    def send(self, job_id: str, outcome: bytes, ready: bool) -> bool:
+        if self.sock is None:
+            self.ctx = zmq.Context(io_threads=1)
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, self.identity)
+            # Only onto a connection that is up: otherwise the parent sends it.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.LINGER, self.LINGER_MS)
+            sock.setsockopt(zmq.RCVHWM, 16)  # nothing is ever read from it
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+            sock.connect(self.address)
+            self.sock = sock
+            return False  # the connection is not up yet
+        frames = [b"", PROTOCOL, b"REPLY", new_tag(), outcome, job_id.encode()]
+        if ready:  # the job's slot is offered again in the same message
+            frames.append(READY_FLAG)
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()  # with its linger: what was sent leaves first
+            assert self.ctx is not None
+            self.ctx.term()
+            self.sock = self.ctx = None
 
 
 def _run_body(loader: Loader, body: bytes) -> bytes:
@@ -242,6 +304,7 @@ def _child_main(
     max_jobs: int | None,
     log_level: int | str,
     stream_options: dict[str, Any] | None = None,
+    direct_to: tuple[str, str] | None = None,
 ) -> None:
     """Entry point of a pool child: import, say ready, then serve jobs."""
     # Ctrl-C reaches the whole process group; shutdown is the parent's call.
@@ -258,6 +321,7 @@ def _child_main(
     lock = threading.Lock()
     if stream_options is not None:
         runtime.setup(sock, lock, _frame, **stream_options)
+    direct = _Direct(*direct_to) if direct_to is not None else None
     try:
         try:
             loader = Loader(imports, allow)
@@ -274,15 +338,27 @@ def _child_main(
                 if not data:
                     return  # the parent closed our pipe: shut down cleanly
                 queued.extend(frames.feed(data))
-            job_id, body = _job_frame(queued.popleft())
+            job_id, body, flags = _job_frame(queued.popleft())
             runtime.begin(job_id)
             outcome = _run_body(loader, body)
-            runtime.end()  # what the job put on its stream goes before its outcome
+            # What the job put on its stream goes before its outcome, through the
+            # parent: an outcome sent directly could overtake it.
+            streamed = runtime.end()
+            if (
+                flags & _FLAG_DIRECT
+                and not streamed
+                and direct is not None
+                and direct.send(job_id, outcome, bool(flags & _FLAG_READY))
+            ):
+                outcome = _DELIVERED + outcome
             with lock:
                 _send(sock, outcome)
             done += 1
     except (BrokenPipeError, ConnectionResetError):
         return  # the parent is gone; nobody is left to tell
+    finally:
+        if direct is not None:
+            direct.close()
 
 
 # --------------------------------------------------------------------------
@@ -310,7 +386,7 @@ class _Job:
         frame: bytes,
         timeout: float | None,
         future: asyncio.Future[bytes],
-        done: Callable[[str, bytes], None] | None = None,
+        done: Callable[[str, bytes, bool], None] | None = None,
     ) -> None:
         self.id = job_id
         self.frame = frame
@@ -325,7 +401,7 @@ class _Job:
 class _Child:
     __slots__ = (
         "proc", "sock", "fd", "pid", "pidfd", "frames", "state", "job", "jobs_done",
-        "ready", "exited", "reading", "exiting", "wbuf",
+        "ready", "exited", "reading", "exiting", "wbuf", "delivered",
     )  # fmt: skip
 
     def __init__(self, proc: Any, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
@@ -343,6 +419,8 @@ class _Child:
         self.reading = True
         self.exiting = False
         self.wbuf = bytearray()
+        #: The last outcome this child sent the broker itself: (job id, outcome, when).
+        self.delivered: tuple[str, bytes, float] | None = None
 
 
 def _open_pidfd(pid: int) -> int | None:
@@ -379,6 +457,12 @@ class Pool:
         start_method: ``"forkserver"`` (default) or ``"spawn"``.
         start_timeout: seconds a child may take to import ``imports`` and
             report ready before :meth:`start` fails; default 60.
+        direct_to: ``(backend address, worker identity)``: children may send
+            the outcomes of jobs run with ``direct=True`` to the broker
+            themselves; default ``None`` (every outcome comes to the parent).
+        resend: called with ``(job_id, outcome)`` when a child dies right
+            after sending an outcome itself, which may not have left: the
+            caller sends it again (the broker ignores a second copy).
 
     All methods must be called from the event loop's thread.
     """
@@ -395,6 +479,8 @@ class Pool:
         start_timeout: float = 60.0,
         on_stream: Callable[[str, list[bytes]], None] | None = None,
         stream_options: dict[str, Any] | None = None,
+        direct_to: tuple[str, str] | None = None,
+        resend: Callable[[str, bytes], None] | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, not {concurrency!r}")
@@ -416,6 +502,8 @@ class Pool:
         #: stream; ``stream_options`` go to corral.runtime.setup in each child.
         self._on_stream = on_stream
         self._stream_options = stream_options if on_stream is not None else None
+        self._direct_to = direct_to
+        self._resend = resend
         self._ctx = _context(start_method)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[int, _Child] = {}
@@ -505,16 +593,26 @@ class Pool:
         job_id: str,
         body: bytes,
         timeout: float | None,
-        done: Callable[[str, bytes], None] | None = None,
+        done: Callable[[str, bytes, bool], None] | None = None,
+        direct: bool = False,
+        offer_slot: bool = False,
     ) -> asyncio.Future[bytes]:
         """Like :meth:`run` with the eMQP body as received (``["run", {...}]`` JSON).
 
-        ``done(job_id, outcome)`` is called the moment the outcome is known (the
-        future resolves too); not for a job taken back with :meth:`withdraw`.
-        A body that is not a valid run body gets a ``BadRequest`` outcome.
+        ``done(job_id, outcome, delivered)`` is called the moment the outcome is
+        known (the future resolves too); not for a job taken back with
+        :meth:`withdraw`. ``delivered``: the child sent the outcome to the
+        broker itself, which it may do for a ``direct`` job (see ``direct_to``)
+        that put nothing on its stream; with READY for the job's slot in the
+        same message if ``offer_slot``. A body that is not a valid run body
+        gets a ``BadRequest`` outcome.
         """
         future: asyncio.Future[bytes] = self._admit(job_id, timeout).create_future()
-        job = _Job(job_id, _frame(_job_payload(job_id, body)), timeout or None, future, done)
+        flags = 0
+        if direct and self._direct_to is not None:
+            flags = _FLAG_DIRECT | (_FLAG_READY if offer_slot else 0)
+        frame = _frame(_job_payload(job_id, body, flags))
+        job = _Job(job_id, frame, timeout or None, future, done)
         self._jobs[job_id] = job
         self._pending.append(job)
         self._dispatch()
@@ -662,6 +760,7 @@ class Pool:
                     self._max_jobs,
                     self._log_level,
                     self._stream_options,
+                    self._direct_to,
                 ),
                 name="corral-pool-child",
                 daemon=True,
@@ -791,7 +890,11 @@ class Pool:
         child.jobs_done += 1
         took = time.monotonic() - job.sent_at
         self.run_time = took if self.run_time is None else 0.8 * self.run_time + 0.2 * took
-        self._finish(job, frame)
+        delivered = frame.startswith(_DELIVERED)
+        if delivered:
+            frame = frame[len(_DELIVERED) :]
+            child.delivered = (job.id, frame, time.monotonic())
+        self._finish(job, frame, delivered)
         if child.exiting or (self._max_jobs is not None and child.jobs_done >= self._max_jobs):
             # The child exits by itself after its last job; replace it now.
             self._leave(child, kill=False)
@@ -814,7 +917,7 @@ class Pool:
             except Exception:  # noqa: BLE001 - a stream problem must not lose the job
                 log.exception("could not forward job %s's stream messages", job_id)
 
-    def _finish(self, job: _Job, outcome: bytes) -> None:
+    def _finish(self, job: _Job, outcome: bytes, delivered: bool = False) -> None:
         if job.timer is not None:
             job.timer.cancel()
         if self._jobs.get(job.id) is job:
@@ -822,7 +925,7 @@ class Pool:
         if not job.future.done():
             job.future.set_result(outcome)
             if job.done is not None:
-                job.done(job.id, outcome)
+                job.done(job.id, outcome, delivered)
 
     def _expire(self, job: _Job) -> None:
         child = job.child
@@ -903,6 +1006,12 @@ class Pool:
             for frame in child.frames.feed(data):
                 self._on_frame(child, frame)
         self._stop_reading(child)
+        last = child.delivered
+        if code != 0 and last is not None and time.monotonic() - last[2] < _RESEND_AFTER_DEATH:
+            # Killed (or crashed) just after sending an outcome itself, it may
+            # have taken the outcome down with it: the parent sends it again.
+            if self._resend is not None:
+                self._resend(last[0], last[1])
         how = _describe_exit(code)
         if child.state is _State.STARTING and not child.ready.done():
             child.ready.set_exception(RuntimeError(f"pool child {child.pid} {how} while starting"))
