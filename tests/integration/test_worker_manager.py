@@ -308,7 +308,8 @@ async def _until_direct(broker: Broker) -> str:
 
 def test_with_the_offer_a_job_on_an_idle_process_has_its_outcome_sent_by_that_process() -> None:
     async def scenario() -> None:
-        broker, manager, task = await _started(ack_meta=DIRECT, prefetch=None)
+        # A fixed prefetch: no READY of its own when the depth adapts to run times.
+        broker, manager, task = await _started(ack_meta=DIRECT, prefetch=0)
         job = await _until_direct(broker)
         assert broker.sender == broker.worker + f"/{manager.pool.pids[0]}".encode()
         # The worker hears of it from its process (just after the broker did).
