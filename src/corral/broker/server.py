@@ -446,13 +446,20 @@ class BrokerServer:
         # A transaction of a few rows takes ~50-100 us: less than handing it to the
         # writer thread and back (two thread wake-ups, ~0.3 ms on an idle machine).
         # That counts when an answer is already here and waits only for this commit
-        # (an outcome behind its job's acknowledgement, a schedule's answer). Otherwise
-        # the writer thread commits while the jobs run and the loop goes on serving;
-        # big batches and fsync'ed commits always go there.
+        # (an outcome behind its job's acknowledgement, a schedule's answer), and on
+        # an idle broker for the one job just sent to a worker: its commit is done
+        # before the job's outcome comes back, which would otherwise often wait for
+        # the writer thread. Otherwise the writer thread commits while the jobs run
+        # and the loop goes on serving; big batches and fsync'ed commits always go
+        # there.
         if self.store_fsyncs:
             return False
         if not (self.core.after_ack or holds_answers(acks)):
-            return False
+            # One acknowledgement (and the update of an earlier job, at most), with
+            # nothing else arrived meanwhile: a lone job, not a busy broker's batch.
+            if len(acks) != 1 or job_rows > 2 or workers or streams.writes:
+                return False
+            return not any(has_input(sock) for sock in self.sockets.values())
         rows = job_rows + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
         return rows <= INLINE_COMMIT_ROWS
 
