@@ -99,10 +99,15 @@ def test_a_lone_acknowledgement_goes_to_the_writer_while_messages_wait(tmp_path)
     sender.connect("inproc://commit-path-waiting")
     try:
         server.sockets[Dest.FRONTEND] = receiver
+        server._loop = loop = asyncio.new_event_loop()
         assert server._small(1, [], StreamBatch(), [ACK])
         sender.send(b"another job")
         assert receiver.poll(5000)
         assert not server._small(1, [], StreamBatch(), [ACK])
+        # Looking took the edge of the socket's FD, so the loop would not wake for
+        # that message: a drain of the socket is on its way instead.
+        assert server._pending_drain == {Dest.FRONTEND}
+        loop.close()
     finally:
         server.sockets.clear()
         receiver.close(0)

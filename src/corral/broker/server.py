@@ -459,7 +459,14 @@ class BrokerServer:
             # nothing else arrived meanwhile: a lone job, not a busy broker's batch.
             if len(acks) != 1 or job_rows > 2 or workers or streams.writes:
                 return False
-            return not any(has_input(sock) for sock in self.sockets.values())
+            waiting = False
+            for dest, sock in self.sockets.items():
+                # Looking consumes the edge of the socket's edge-triggered FD: a
+                # message found must be drained now, or it would sit unread.
+                if has_input(sock):
+                    waiting = True
+                    self._schedule_drain(dest)
+            return not waiting
         rows = job_rows + len(workers) + sum(len(w.items) + 1 for w in streams.writes)
         return rows <= INLINE_COMMIT_ROWS
 
