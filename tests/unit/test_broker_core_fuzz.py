@@ -20,7 +20,8 @@ OUTCOMES = [
     b'{"error": {"type": "ValueError", "message": "m", "traceback": ""}}',
     b'{"error": {"type": "JobCancelled", "message": "m", "traceback": ""}}',
 ]
-PEERS = [b"w1", b"w2", b"\xff\xfe", b"c1"]
+# With a job process of w1 ("w1/7"), and one of a peer that never registered.
+PEERS = [b"w1", b"w2", b"\xff\xfe", b"c1", b"w1/7", b"ghost/1"]
 
 valid = st.sampled_from(
     [
@@ -108,15 +109,16 @@ def test_core_survives_any_traffic(ops_):
             "admin": core.on_admin,
         }[where]
         handler(peer, frames, now)
-        # Workers answer a random running job now and then, well or badly.
+        # Workers answer a random running job now and then, well or badly; every
+        # other time the job's process does, with READY for its slot.
         for worker in list(core.workers.values()):
             if worker.running and n % 3 == 0:
                 job_id = next(iter(worker.running))
-                core.on_backend(
-                    worker.identity,
-                    [b"", PROTOCOL, b"REPLY", b"x", OUTCOMES[n % 3], job_id.encode()],
-                    now,
-                )
+                frames = [b"", PROTOCOL, b"REPLY", b"x", OUTCOMES[n % 3], job_id.encode()]
+                sender = worker.identity
+                if n % 2:
+                    sender, frames = sender + b"/7", [*frames, b"ready"]
+                core.on_backend(sender, frames, now)
         # The server commits, releases what waited for the store, and sends.
         store.commit(*core.take_changes(), core.take_schedule_changes())
         core.released(core.take_acks())

@@ -191,10 +191,10 @@ class BrokerCore:
         self.queries: list[tuple[bytes, Query]] = []
         #: Commands handled outside the core, e.g. STREAM and LISTEN (job streams).
         self.extensions: dict[Command, Extension] = {}
-        #: Meta sent with the ACK of a corral worker's INFORM (what this broker offers).
         #: What the ACK to a corral worker's INFORM tells it (a corral broker always sends
         #: one, so the worker knows it may use corral's commands); extensions add to it.
-        #: direct_outcomes: outcomes may come from a worker's job processes (see on_backend).
+        #: reply_ready: REPLY may carry READY; direct_outcomes: outcomes may come from
+        #: the worker's job processes (see on_backend).
         self.worker_ack_meta: dict[str, Any] = {"reply_ready": 1, "direct_outcomes": 1}
 
     # ------------------------------------------------------------ entry points
