@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import pytest
 import zmq
@@ -27,6 +26,7 @@ from corral.protocol import (
     parse_headers,
 )
 from corral.worker.manager import (
+    PREFETCH_HYSTERESIS,
     PREFETCH_MAX_PER_PROCESS,
     PREFETCH_PER_PROCESS,
     PREFETCH_WINDOW,
@@ -251,8 +251,10 @@ def test_prefetch_follows_the_run_time_and_the_slots_offered_follow_it() -> None
         await settled()
         run_time = manager.pool.run_time
         assert run_time is not None
-        expected = min(PREFETCH_MAX_PER_PROCESS, max(1, math.ceil(PREFETCH_WINDOW / run_time)))
-        assert manager.prefetch == expected
+        # The depth fits the run time, within the hysteresis band.
+        ideal, depth = PREFETCH_WINDOW / run_time, manager.prefetch
+        assert (depth - 1) / PREFETCH_HYSTERESIS <= ideal
+        assert ideal <= depth * PREFETCH_HYSTERESIS or depth == PREFETCH_MAX_PER_PROCESS
         # Jobs longer than the window: hold one. Slots already offered cannot be
         # taken back; each ending job's slot is not offered again until they are used.
         for _ in range(2 * PREFETCH_MAX_PER_PROCESS):
@@ -262,6 +264,38 @@ def test_prefetch_follows_the_run_time_and_the_slots_offered_follow_it() -> None
         assert offered == 2 and manager.prefetch == 1
         for i in range(3):
             await run("corral.examples:add", i, 2)  # and it keeps serving
+        await _stop(broker, manager, task)
+
+    asyncio.run(main())
+
+
+def test_a_run_time_wandering_near_a_boundary_does_not_move_the_prefetch() -> None:
+    async def main() -> None:
+        broker, manager, task = await _started(ack_meta={"reply_ready": 0}, prefetch=None)
+
+        def at(ideal: float) -> int:
+            """The depth after the run time makes ``ideal`` jobs fit in the window."""
+            manager.pool.run_time = PREFETCH_WINDOW / ideal
+            manager._adapt_prefetch()
+            return manager.prefetch
+
+        async def readies(n: int) -> None:
+            for _ in range(n):
+                await broker.next(Ready, timeout=5)
+            with pytest.raises(asyncio.TimeoutError):
+                await broker.next(Ready, timeout=0.3)  # and no more
+
+        assert at(10.5) == 11
+        await readies(11 - PREFETCH_PER_PROCESS)  # one process: one READY a job held
+        # Around the boundaries of 11 (10 and 11 jobs in the window): it stays.
+        assert [at(x) for x in (9.6, 11.4, 9.1, 13.2, 10.0, 11.0)] == [11] * 6
+        await readies(0)
+        assert at(7.5) == 8  # well below: down, slots withheld, nothing sent
+        await readies(0)
+        assert at(14.5) == 15  # well above: the 3 withheld count first, then 4 READYs
+        await readies(4)
+        assert at(1000) == PREFETCH_MAX_PER_PROCESS
+        assert at(0.5) == 1
         await _stop(broker, manager, task)
 
     asyncio.run(main())

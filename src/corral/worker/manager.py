@@ -58,6 +58,9 @@ PREFETCH_PER_PROCESS = 4
 #: behind held ones for about the window at most.
 PREFETCH_WINDOW = 0.005
 PREFETCH_MAX_PER_PROCESS = 16
+#: The depth changes only once the run time is this factor past what fits it:
+#: the average of no-op jobs wanders, and each change sends or withholds READYs.
+PREFETCH_HYSTERESIS = 1.25
 
 
 @dataclass(slots=True)
@@ -446,11 +449,19 @@ class WorkerManager:
         return True
 
     def _adapt_prefetch(self) -> None:
-        """Hold about PREFETCH_WINDOW of work per process, at the recent run time."""
+        """Hold about PREFETCH_WINDOW of work per process, at the recent run time.
+
+        Depth ``d`` fits ``d - 1 < window / run time <= d``; it is kept until that
+        ratio is more than PREFETCH_HYSTERESIS outside, so that a run time near a
+        boundary does not flip it back and forth.
+        """
         run_time = self.pool.run_time
         if self.config.prefetch is not None or not self._corral_broker or not run_time:
             return
-        depth = min(PREFETCH_MAX_PER_PROCESS, max(1, math.ceil(PREFETCH_WINDOW / run_time)))
+        ideal = PREFETCH_WINDOW / run_time
+        if (self._depth - 1) / PREFETCH_HYSTERESIS <= ideal <= self._depth * PREFETCH_HYSTERESIS:
+            return
+        depth = min(PREFETCH_MAX_PER_PROCESS, max(1, math.ceil(ideal)))
         change = (depth - self._depth) * self.config.concurrency
         if not change:
             return
