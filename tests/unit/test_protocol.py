@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -227,6 +230,59 @@ def test_msgid_is_reported_when_known():
     with pytest.raises(ProtocolError) as info:
         parse(frames("REQUEST", b"default", b"", b"{", msgid=b"abc"))
     assert info.value.msgid == "abc"
+
+
+# ---------------------------------------------------------------- ids
+
+
+def test_new_msgid_gives_uuid4_texts_all_different() -> None:
+    from corral.protocol import new_msgid
+
+    ids = [new_msgid() for _ in range(2000)]  # several refills of the buffer
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert {text[19] for text in ids} == set("89ab")  # the variant keeps 2 random bits
+
+
+def test_new_msgid_never_repeats_across_threads() -> None:
+    from corral.protocol import new_msgid
+
+    got: list[list[str]] = [[] for _ in range(8)]
+    start = threading.Barrier(len(got))
+
+    def take(out: list[str]) -> None:
+        start.wait()
+        out.extend(new_msgid() for _ in range(5000))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [text for out in got for text in out]
+    assert len(ids) == 40000 and len(set(ids)) == 40000
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    from corral.protocol import new_msgid
+
+    new_msgid()  # the parent has ids made and waiting
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send its first 300 ids, then leave without cleanup
+        try:
+            os.write(write, "\n".join(new_msgid() for _ in range(300)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    mine = {new_msgid() for _ in range(300)}
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split("\n"))
+    os.waitpid(pid, 0)
+    assert len(theirs) == 300 and not mine & theirs
 
 
 # ---------------------------------------------------------------- properties
