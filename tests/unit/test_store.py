@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 
 import pytest
 
@@ -194,3 +196,74 @@ def test_new_records_and_updates_of_them_in_one_commit(store):
     # A batch written again after a failure holds a job's first record and its updates.
     store.commit([rec("a")], [], {}, updates=[rec("a", "running"), rec("a", "succeeded")])
     assert store.get_job("a").state == "succeeded"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _big(id_: str, body: bytes) -> JobRecord:
+    return JobRecord(id=id_, queue="default", state="queued", headers="", body=body,
+                     submitter=b"c", submitted=1.0)  # fmt: skip
+
+
+def _until(predicate, timeout: float = 20.0, step=lambda: None) -> None:
+    """Poll ``predicate`` (calling ``step`` between looks) until it holds or time is up."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        step()
+
+
+def test_sqlite_commits_never_checkpoint_its_thread_does(tmp_path):
+    from corral.store.sqlite import SQLiteStore
+
+    s = SQLiteStore(str(tmp_path / "b.db"), checkpoint_interval=0.02)
+    s.open()
+    try:
+        # SQLite's own checkpoint would run inside a commit now and then.
+        assert s._write.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        before = os.path.getsize(tmp_path / "b.db")
+        s.commit([_big(f"j{i}", b"x" * 4096) for i in range(200)], [], {})
+        # The database file itself grows only when a checkpoint copies the log into it.
+        thread = s._checkpointer
+        _until(lambda: thread.runs["PASSIVE"] >= 1)
+        assert os.path.getsize(tmp_path / "b.db") > before + 400_000
+    finally:
+        s.close()
+    assert s._checkpointer is None
+
+
+def test_sqlite_log_starts_over_under_steady_commits_and_loses_nothing(tmp_path):
+    from corral.store.sqlite import SQLiteStore
+
+    path = str(tmp_path / "b.db")
+    s = SQLiteStore(path, checkpoint_interval=0.01, wal_limit=256 << 10)
+    s.open()
+    thread = s._checkpointer
+    n = 0
+
+    def commit_more() -> None:
+        nonlocal n
+        s.commit([_big(f"j{n}", os.urandom(8192))], [], {})  # 3 pages or more each
+        n += 1
+
+    try:
+        # Commit without pause (a passive checkpoint alone never completes then)
+        # until the log holds 256 KiB and has been copied while no commit ran.
+        _until(lambda: thread.runs["RESTART"] >= 1, step=commit_more)
+        commit_more()  # this one starts the log again
+        look = sqlite3.connect(path)
+        try:
+            _, frames, _ = look.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            look.close()
+        assert 3 * n > 64 and frames < 32  # the frames of the last commit or two, not all
+    finally:
+        s.close()
+    assert not thread.is_alive()
+    again = SQLiteStore(path)
+    snap = again.open()
+    try:
+        assert len(snap.jobs) == n  # every committed job is there after reopening
+    finally:
+        again.close()

@@ -4,11 +4,24 @@ Writes come in batches from the broker (one transaction per batch), so the
 cost of a commit is shared by every job in it. ``synchronous=NORMAL`` (the
 default) survives a crash of the broker process; ``fsync=True`` sets
 ``synchronous=FULL`` and survives a power loss too.
+
+Checkpoints (copying the write-ahead log into the database file, with its
+fsyncs) run in a thread of their own, never in a commit: SQLite's automatic
+checkpoint made one commit in a few hundred take 15-90 ms, on the broker's
+loop or in its writer thread. Every ``checkpoint_interval`` seconds, if
+anything was committed, the thread copies what the log holds while commits
+go on (``PASSIVE``). The log starts over from its beginning only at a commit
+after a complete copy, which steady commits never leave time for; so once it
+holds ``wal_limit`` bytes, the thread copies the last few commits' pages
+while no commit runs (``RESTART``, under the lock commits take) and the next
+commit starts the log again. The file keeps its largest size, about
+``wal_limit`` plus one interval's commits.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import operator
 import os
 import sqlite3
@@ -31,6 +44,13 @@ from corral.store.base import (
 from corral.store.streams import StreamBatch, StreamRecord
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+#: Seconds between background checkpoints (when anything was committed).
+CHECKPOINT_INTERVAL = 0.25
+#: A log this big is started over (see the module doc).
+WAL_LIMIT = 16 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,10 +138,22 @@ def _job(row: Sequence[Any]) -> JobRecord:
 class SQLiteStore:
     """Jobs, workers, schedules and counters in one SQLite database file."""
 
-    def __init__(self, path: str, *, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        fsync: bool = False,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        wal_limit: int = WAL_LIMIT,
+    ) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
         self.fsync = fsync
+        self.checkpoint_interval = checkpoint_interval
+        self.wal_limit = wal_limit
+        self._checkpointer: _Checkpointer | None = None
+        #: Held by each commit, and by a checkpoint that must not overlap one.
+        self._commit_lock = threading.Lock()
         self._write: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         # Reads (job queries) come from other threads than the writer's.
@@ -248,6 +280,11 @@ class SQLiteStore:
         except StoreError:
             conn.close()
             raise
+        if self.path != ":memory:":
+            # Commits never checkpoint: the checkpointer thread does (see the module doc).
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = _Checkpointer(self)
+            self._checkpointer.start()
         self._write = conn
         return Snapshot(
             jobs=jobs,
@@ -268,6 +305,19 @@ class SQLiteStore:
     ) -> None:
         conn = self._write
         assert conn is not None, "open() first"
+        with self._commit_lock:
+            self._commit(conn, jobs, workers, meta, schedules, streams, updates)
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        jobs: Sequence[JobRecord],
+        workers: Sequence[WorkerRecord],
+        meta: dict[str, Any],
+        schedules: Sequence[ScheduleRecord],
+        streams: StreamBatch | None,
+        updates: Sequence[JobRecord],
+    ) -> None:
         try:
             conn.execute("BEGIN")
             if jobs:
@@ -367,19 +417,23 @@ class SQLiteStore:
         # A job completes after it is submitted: "submitted <" lets the (state,
         # submitted) index find candidates without reading every finished row.
         try:
-            cur = conn.execute(
-                f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs "
-                f"WHERE state IN ({', '.join('?' * len(_FINISHED))}) AND submitted < ? "
-                f"AND COALESCE(completed, submitted) < ? LIMIT ?)",
-                (*_FINISHED, finished_before, finished_before, limit),
-            )
-            # The streams of those jobs go with them.
-            stream_store.purge(conn, limit)
+            with self._commit_lock:  # like a commit (see _Checkpointer)
+                cur = conn.execute(
+                    f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs "
+                    f"WHERE state IN ({', '.join('?' * len(_FINISHED))}) AND submitted < ? "
+                    f"AND COALESCE(completed, submitted) < ? LIMIT ?)",
+                    (*_FINISHED, finished_before, finished_before, limit),
+                )
+                # The streams of those jobs go with them.
+                stream_store.purge(conn, limit)
         except sqlite3.Error as exc:
             raise self._explain(exc) from None
         return cur.rowcount
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._write is not None:
             self._write.close()
             self._write = None
@@ -388,3 +442,58 @@ class SQLiteStore:
             conn.close()
             self._local.conn = None
         self._release_lock()
+
+
+class _Checkpointer(threading.Thread):
+    """Checkpoints the store's write-ahead log off the commit path (see the module doc)."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(name="corral-store-checkpoint", daemon=True)
+        self.store = store
+        self.wal = store.path + "-wal"
+        self._stopping = threading.Event()
+        #: Checkpoints run, by mode (for tests and diagnostics).
+        self.runs = {"PASSIVE": 0, "RESTART": 0}  # a RESTART follows a PASSIVE
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(10.0)
+
+    def run(self) -> None:
+        store = self.store
+        try:
+            conn = store._connect()
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            # RESTART waits for readers on an older snapshot, while commits wait
+            # for it: give up soon (it says busy) and try at the next round.
+            conn.execute("PRAGMA busy_timeout=100")
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("store checkpoints cannot run (%s); the write-ahead log will grow", exc)
+            return
+        seen = None
+        try:
+            while not self._stopping.wait(store.checkpoint_interval):
+                try:
+                    changed = os.stat(self.wal).st_mtime_ns
+                except OSError:
+                    continue
+                if changed == seen:
+                    continue  # nothing committed since the last checkpoint
+                seen = changed
+                mode = "PASSIVE"
+                try:
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames * page >= store.wal_limit:
+                        # All but what was committed during that checkpoint is copied:
+                        # copy the rest while no commit runs, so that the next commit
+                        # starts the log again. One that comes meanwhile waits for the
+                        # lock (not for SQLite's busy back-off).
+                        mode = "RESTART"
+                        with store._commit_lock:
+                            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                except sqlite3.Error as exc:
+                    log.warning("store checkpoint (%s) failed: %s", mode.lower(), exc)
+                    continue
+                self.runs[mode] += 1
+        finally:
+            conn.close()
