@@ -48,6 +48,8 @@ def test_worker_that_died_while_the_broker_was_down(cluster, tmp_path):
         kept = client.submit("tests.jobs:start_sleep_end", str(steps), 1.0, guarantee=True)
         plain = client.submit("tests.jobs:start_sleep_end", str(steps), 1.0)
         wait_for(lambda: len(lines(steps)) == 2, what="both jobs to start")
+        # A job starts before its record is stored; only acknowledged ones must survive.
+        assert kept.wait_acknowledged(10) and plain.wait_acknowledged(10)
         broker.kill_group(signal.SIGKILL)
         broker.wait(5)
         worker.kill_group(signal.SIGKILL)
@@ -72,6 +74,7 @@ def test_worker_still_running_its_jobs_keeps_them_across_a_broker_restart(cluste
     with corral.Client(cluster.addrs.frontend) as client:
         job = client.submit("tests.jobs:start_sleep_end", str(steps), 2.0)
         wait_for(lambda: len(lines(steps)) == 1, what="the job to start")
+        assert job.wait_acknowledged(10)  # stored, so the restored broker knows it
         broker.kill_group(signal.SIGKILL)
         broker.wait(5)
         cluster.broker("--restore")

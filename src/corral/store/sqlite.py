@@ -10,11 +10,13 @@ fsyncs) run in a thread of their own, never in a commit: SQLite's automatic
 checkpoint made one commit in a few hundred take 15-90 ms, on the broker's
 loop or in its writer thread. Every ``checkpoint_interval`` seconds, if
 anything was committed, the thread copies what the log holds while commits
-go on (``PASSIVE``). The log starts over from its beginning only at a commit
-after a complete copy, which steady commits never leave time for; so once it
-holds ``wal_limit`` bytes, the thread copies the last few commits' pages
-while no commit runs (``RESTART``, under the lock commits take) and the next
-commit starts the log again. The file keeps its largest size, about
+go on (``PASSIVE``); after a checkpoint that found little new, it waits
+twice as long, up to 4 s, so that a quiet store does few fsyncs. The log
+starts over from its beginning only at a commit after a complete copy,
+which steady commits never leave time for; so once it holds ``wal_limit``
+bytes, the thread copies the last few commits' pages while no commit runs
+(``RESTART``, under the lock commits take) and the next commit starts the
+log again. The file keeps its largest size, about
 ``wal_limit`` plus one interval's commits.
 """
 
@@ -47,10 +49,14 @@ SCHEMA_VERSION = 1
 
 log = logging.getLogger(__name__)
 
-#: Seconds between background checkpoints (when anything was committed).
+#: Seconds between background checkpoints while commits keep coming (see _BUSY_BYTES).
 CHECKPOINT_INTERVAL = 0.25
 #: A log this big is started over (see the module doc).
 WAL_LIMIT = 16 << 20
+#: Less than this committed between two checkpoints: the next one comes later,
+#: up to _QUIET_INTERVAL seconds.
+_BUSY_BYTES = 1 << 20
+_QUIET_INTERVAL = 4.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -470,9 +476,9 @@ class _Checkpointer(threading.Thread):
         except (StoreError, sqlite3.Error) as exc:
             log.error("store checkpoints cannot run (%s); the write-ahead log will grow", exc)
             return
-        seen = None
+        seen, last, wait = None, 0, store.checkpoint_interval
         try:
-            while not self._stopping.wait(store.checkpoint_interval):
+            while not self._stopping.wait(wait):
                 try:
                     changed = os.stat(self.wal).st_mtime_ns
                 except OSError:
@@ -483,6 +489,11 @@ class _Checkpointer(threading.Thread):
                 mode = "PASSIVE"
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    # Frames committed since the last look (the log may have started over).
+                    new, last = (frames - last if frames >= last else frames), frames
+                    # A quiet store is looked at less often (up to every 4 s): fewer fsyncs.
+                    busy = new * page >= _BUSY_BYTES
+                    wait = store.checkpoint_interval if busy else min(wait * 2, _QUIET_INTERVAL)
                     if frames * page >= store.wal_limit:
                         # All but what was committed during that checkpoint is copied:
                         # copy the rest while no commit runs, so that the next commit
