@@ -10,14 +10,14 @@ fsyncs) run in a thread of their own, never in a commit: SQLite's automatic
 checkpoint made one commit in a few hundred take 15-90 ms, on the broker's
 loop or in its writer thread. Every ``checkpoint_interval`` seconds, if
 anything was committed, the thread copies what the log holds while commits
-go on (``PASSIVE``); after a checkpoint that found little new, it waits
-twice as long, up to 4 s, so that a quiet store does few fsyncs. The log
-starts over from its beginning only at a commit after a complete copy,
-which steady commits never leave time for; so once it holds ``wal_limit``
-bytes, the thread copies the last few commits' pages while no commit runs
-(``RESTART``, under the lock commits take) and the next commit starts the
-log again. The file keeps its largest size, about
-``wal_limit`` plus one interval's commits.
+go on (``PASSIVE``); after a checkpoint that found little new, the next one
+waits twice as long, up to 4 s, unless the log file grows by 1 MiB, so that
+a quiet store does few fsyncs. The log starts over from its beginning only
+at a commit after a complete copy, which steady commits never leave time
+for; so once it holds ``wal_limit`` bytes, the thread copies the last few
+commits' pages while no commit runs (``RESTART``, under the lock commits
+take) and the next commit starts the log again. The file keeps its largest
+size, about ``wal_limit`` plus one interval's commits.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import operator
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +55,7 @@ CHECKPOINT_INTERVAL = 0.25
 #: A log this big is started over (see the module doc).
 WAL_LIMIT = 16 << 20
 #: Less than this committed between two checkpoints: the next one comes later,
-#: up to _QUIET_INTERVAL seconds.
+#: up to _QUIET_INTERVAL seconds (or once the log file grew by this much).
 _BUSY_BYTES = 1 << 20
 _QUIET_INTERVAL = 4.0
 
@@ -476,24 +477,27 @@ class _Checkpointer(threading.Thread):
         except (StoreError, sqlite3.Error) as exc:
             log.error("store checkpoints cannot run (%s); the write-ahead log will grow", exc)
             return
-        seen, last, wait = None, 0, store.checkpoint_interval
+        interval = store.checkpoint_interval
+        seen, last, size, backoff, due = None, 0, 0, interval, 0.0
         try:
-            while not self._stopping.wait(wait):
+            while not self._stopping.wait(interval):
                 try:
-                    changed = os.stat(self.wal).st_mtime_ns
+                    st = os.stat(self.wal)
                 except OSError:
                     continue
-                if changed == seen:
+                if st.st_mtime_ns == seen:
                     continue  # nothing committed since the last checkpoint
-                seen = changed
+                if time.monotonic() < due and st.st_size < size + _BUSY_BYTES:
+                    continue  # a quiet store waits longer, unless its log file grows
+                seen, size = st.st_mtime_ns, st.st_size
                 mode = "PASSIVE"
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    # Frames committed since the last look (the log may have started over).
+                    # Frames committed since the last one (the log may have started over).
                     new, last = (frames - last if frames >= last else frames), frames
-                    # A quiet store is looked at less often (up to every 4 s): fewer fsyncs.
                     busy = new * page >= _BUSY_BYTES
-                    wait = store.checkpoint_interval if busy else min(wait * 2, _QUIET_INTERVAL)
+                    backoff = interval if busy else min(backoff * 2, _QUIET_INTERVAL)
+                    due = time.monotonic() + backoff
                     if frames * page >= store.wal_limit:
                         # All but what was committed during that checkpoint is copied:
                         # copy the rest while no commit runs, so that the next commit
