@@ -16,6 +16,7 @@ from corral.store import (
     WorkerRecord,
     open_store,
 )
+from corral.store.sqlite import SQLiteStore
 
 
 def rec(id_, state="queued", queue="default", submitted=1.0, **kw):
@@ -206,7 +207,7 @@ def _big(id_: str, body: bytes) -> JobRecord:
                      submitter=b"c", submitted=1.0)  # fmt: skip
 
 
-def _until(predicate, timeout: float = 20.0, step=lambda: None) -> None:
+def _until(predicate, timeout: float = 20.0, step=lambda: time.sleep(0.01)) -> None:
     """Poll ``predicate`` (calling ``step`` between looks) until it holds or time is up."""
     end = time.monotonic() + timeout
     while not predicate():
@@ -215,8 +216,6 @@ def _until(predicate, timeout: float = 20.0, step=lambda: None) -> None:
 
 
 def test_sqlite_commits_never_checkpoint_its_thread_does(tmp_path):
-    from corral.store.sqlite import SQLiteStore
-
     s = SQLiteStore(str(tmp_path / "b.db"), checkpoint_interval=0.02)
     s.open()
     try:
@@ -234,8 +233,6 @@ def test_sqlite_commits_never_checkpoint_its_thread_does(tmp_path):
 
 
 def test_sqlite_log_starts_over_under_steady_commits_and_loses_nothing(tmp_path):
-    from corral.store.sqlite import SQLiteStore
-
     path = str(tmp_path / "b.db")
     s = SQLiteStore(path, checkpoint_interval=0.01, wal_limit=256 << 10)
     s.open()

@@ -461,6 +461,11 @@ class _Checkpointer(threading.Thread):
         self._stopping = threading.Event()
         #: Checkpoints run, by mode (for tests and diagnostics).
         self.runs = {"PASSIVE": 0, "RESTART": 0}  # a RESTART follows a PASSIVE
+        # What the last checkpoint saw (the log file's mtime and size, its frames),
+        # and when a quiet store's next one is due.
+        self._seen: int | None = None
+        self._size = self._frames = 0
+        self._backoff = self._next = 0.0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -477,38 +482,48 @@ class _Checkpointer(threading.Thread):
         except (StoreError, sqlite3.Error) as exc:
             log.error("store checkpoints cannot run (%s); the write-ahead log will grow", exc)
             return
-        interval = store.checkpoint_interval
-        seen, last, size, backoff, due = None, 0, 0, interval, 0.0
         try:
-            while not self._stopping.wait(interval):
-                try:
-                    st = os.stat(self.wal)
-                except OSError:
-                    continue
-                if st.st_mtime_ns == seen:
-                    continue  # nothing committed since the last checkpoint
-                if time.monotonic() < due and st.st_size < size + _BUSY_BYTES:
-                    continue  # a quiet store waits longer, unless its log file grows
-                seen, size = st.st_mtime_ns, st.st_size
-                mode = "PASSIVE"
-                try:
-                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    # Frames committed since the last one (the log may have started over).
-                    new, last = (frames - last if frames >= last else frames), frames
-                    busy = new * page >= _BUSY_BYTES
-                    backoff = interval if busy else min(backoff * 2, _QUIET_INTERVAL)
-                    due = time.monotonic() + backoff
-                    if frames * page >= store.wal_limit:
-                        # All but what was committed during that checkpoint is copied:
-                        # copy the rest while no commit runs, so that the next commit
-                        # starts the log again. One that comes meanwhile waits for the
-                        # lock (not for SQLite's busy back-off).
-                        mode = "RESTART"
-                        with store._commit_lock:
-                            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                except sqlite3.Error as exc:
-                    log.warning("store checkpoint (%s) failed: %s", mode.lower(), exc)
-                    continue
-                self.runs[mode] += 1
+            while not self._stopping.wait(store.checkpoint_interval):
+                if self._due():
+                    self._checkpoint(conn, page)
         finally:
             conn.close()
+
+    def _due(self) -> bool:
+        """Whether anything was committed since the last checkpoint, and it is time."""
+        try:
+            st = os.stat(self.wal)
+        except OSError:
+            return False
+        if st.st_mtime_ns == self._seen:
+            return False
+        if time.monotonic() < self._next and st.st_size < self._size + _BUSY_BYTES:
+            return False  # a quiet store waits longer, unless its log file grows
+        self._seen, self._size = st.st_mtime_ns, st.st_size
+        return True
+
+    def _checkpoint(self, conn: sqlite3.Connection, page: int) -> None:
+        store, mode = self.store, "PASSIVE"
+        try:
+            _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            # Frames committed since the last one (the log may have started over).
+            new = frames - self._frames if frames >= self._frames else frames
+            self._frames = frames
+            interval = store.checkpoint_interval
+            quiet = new * page < _BUSY_BYTES
+            self._backoff = (
+                min(max(self._backoff, interval) * 2, _QUIET_INTERVAL) if quiet else interval
+            )
+            self._next = time.monotonic() + self._backoff
+            if frames * page >= store.wal_limit:
+                # All but what was committed during that checkpoint is copied: copy
+                # the rest while no commit runs, so that the next commit starts the
+                # log again. One that comes meanwhile waits for the lock (not for
+                # SQLite's busy back-off).
+                mode = "RESTART"
+                with store._commit_lock:
+                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("store checkpoint (%s) failed: %s", mode.lower(), exc)
+            return
+        self.runs[mode] += 1

@@ -420,8 +420,7 @@ class WorkerManager:
     def _on_done(self, job_id: str, outcome: bytes, delivered: bool = False) -> None:
         self.streams.finish(job_id)  # its stream messages go before its outcome
         offered = job_id in self._offered
-        if offered:
-            self._offered.discard(job_id)
+        self._offered.discard(job_id)
         if self.running.pop(job_id, None) is None:
             return
         self.processed += 1

@@ -46,7 +46,7 @@ import zmq
 
 from corral import runtime
 from corral.errors import CorralError
-from corral.protocol import PROTOCOL, READY_FLAG, new_tag
+from corral.protocol import Reply, new_tag
 from corral.worker.loader import Loader, check_prefixes
 
 __all__ = ["Pool", "error_outcome"]
@@ -228,9 +228,8 @@ class _Direct:
             sock.connect(self.address)
             self.sock = sock
             return False  # the connection is not up yet
-        frames = [b"", PROTOCOL, b"REPLY", new_tag(), outcome, job_id.encode()]
-        if ready:  # the job's slot is offered again in the same message
-            frames.append(READY_FLAG)
+        # With ``ready`` the job's slot is offered again in the same message.
+        frames = Reply(new_tag().decode(), job_id, outcome, ready).to_frames()
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
