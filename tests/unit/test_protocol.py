@@ -29,6 +29,7 @@ from corral.protocol import (
     Ready,
     Recall,
     Release,
+    ReloadKeys,
     Reply,
     Request,
     RunParams,
@@ -83,6 +84,7 @@ ALL_MESSAGES = [
     Stream("u", "listen-1", b'[{"kind": "header", "seq": 0}]'),
     Listen("v", "listen", {"stream": "job-1", "after": 3, "window": 100}),
     Listen("w", "credit", {"ref": "v", "n": 50}),
+    ReloadKeys("z"),
 ]
 
 

@@ -53,6 +53,8 @@ class Command(StrEnum):
     #: a corral worker hands back a job it was sent and has not started (recalled,
     #: or it is leaving): the broker queues it again, at the front.
     RELEASE = "RELEASE"
+    #: an admin asks the broker to read its authorised keys again (as on SIGHUP).
+    RELOAD_KEYS = "RELOAD_KEYS"
 
 
 COMMANDS: dict[bytes, Command] = {c.value.encode(): c for c in Command}

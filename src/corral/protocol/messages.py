@@ -349,6 +349,12 @@ class ShowSchedulers(Message):
     command = Command.ROUTER_SHOW_SCHEDULERS
 
 
+class ReloadKeys(Message):
+    """corral's admin command: read the authorised keys again; answered with what changed."""
+
+    command = Command.RELOAD_KEYS
+
+
 class Error(Message):
     """corral's refusal of a message: a stable ``reason``, a ``detail`` and the refused MSGID."""
 
@@ -697,6 +703,7 @@ _PARSERS = {
     Command.HELLO: _p_bare(Hello),
     Command.ROUTER_SHOW_WORKERS: _p_bare(ShowWorkers),
     Command.ROUTER_SHOW_SCHEDULERS: _p_bare(ShowSchedulers),
+    Command.RELOAD_KEYS: _p_bare(ReloadKeys),
     Command.ERROR: _p_error,
     Command.QUERY: _p_query,
     Command.ABORT: _p_abort,

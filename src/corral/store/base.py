@@ -35,6 +35,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     result: bytes | None = None
     label: str | None = None
     error_type: str | None = None
+    #: The name of the key that submitted it (``None``: a broker without keys).
+    owner: str | None = None
 
 
 #: The fields of a JobRecord that change after it is first written; ``queue``,
@@ -109,6 +111,8 @@ class JobQuery(msgspec.Struct, kw_only=True):
     since: float | None = None
     until: float | None = None
     limit: int = 100
+    #: Only jobs of these owners (the submitter's key names); ``None``: everyone's.
+    owners: Sequence[str] | None = None
 
 
 class StoreError(RuntimeError):

@@ -15,4 +15,5 @@ def matches(job: JobRecord, q: JobQuery) -> bool:
         and (q.label is None or job.label == q.label)
         and (q.since is None or job.submitted >= q.since)
         and (q.until is None or job.submitted < q.until)
+        and (q.owners is None or job.owner in q.owners)
     )

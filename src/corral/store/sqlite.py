@@ -46,7 +46,8 @@ from corral.store.base import (
 )
 from corral.store.streams import StreamBatch, StreamRecord
 
-SCHEMA_VERSION = 1
+#: 2: jobs.owner, the key that submitted a job.
+SCHEMA_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     not_before REAL,
     result BLOB,
     label TEXT,
-    error_type TEXT
+    error_type TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, submitted);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (queue, submitted);
@@ -132,6 +134,22 @@ _SCHEDULE_UPSERT = (
     + ", ".join(f"{f} = excluded.{f}" for f in _SCHEDULE_FIELDS if f != "id")
 )
 _FINISHED = ("succeeded", "failed", "cancelled", "dead")
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a store written by an older corral up to SCHEMA_VERSION, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version < 2:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:
+                conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.info("store schema upgraded from %d to %d", version, SCHEMA_VERSION)
 
 
 #: A record as a row: its fields in declaration order, which is _JOB_FIELDS'.
@@ -245,6 +263,8 @@ class SQLiteStore:
                     f"the store {self.path} was written by a newer corral "
                     f"(schema {row[0]}); upgrade corral to use it"
                 )
+            elif int(row[0]) < SCHEMA_VERSION:
+                _migrate(conn, int(row[0]))
             # Take the write lock now so a second broker on the same file fails at
             # start with a clear message instead of stalling later.
             conn.execute("BEGIN IMMEDIATE")
@@ -405,6 +425,9 @@ class SQLiteStore:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
+        if query.owners is not None:
+            where.append(f"owner IN ({', '.join('?' * len(query.owners))})")
+            args.extend(query.owners)
         if query.since is not None:
             where.append("submitted >= ?")
             args.append(query.since)
