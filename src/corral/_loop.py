@@ -104,3 +104,14 @@ class SocketWatcher:
             self._loop.remove_reader(self._fd)
         except (ValueError, OSError):
             pass
+
+
+def recv_frames_from(sock: zmq.Socket, prop: str) -> tuple[list[bytes], str]:
+    """Like :func:`recv_frames`, with the message property ``prop`` (``User-Id``, say)."""
+    frame = _raw_recv(sock, _NOBLOCK, False)
+    value = frame.get(prop)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _raw_recv(sock, _NOBLOCK, False)
+        frames.append(frame.bytes)
+    return frames, value

@@ -208,7 +208,8 @@ def test_lost_worker_guaranteed_job_requeued_at_front(h):
     assert h.core.jobs[job].attempts == 2
 
 
-def test_late_reply_from_lost_worker_recorded_once(h):
+def test_late_reply_from_a_worker_that_left_is_refused_and_the_holder_wins(h):
+    # Only the worker holding a job may report it: w1 left, the job went to w2.
     h.inform(b"w1")
     h.ready(b"w1")
     job = h.submit(headers="reply-requested,guarantee")
@@ -217,10 +218,14 @@ def test_late_reply_from_lost_worker_recorded_once(h):
     h.ready(b"w2")
     h.sent()
     h.reply(b"w1", job)
+    out = h.sent()
+    assert outcomes(out) == [] and h.core.stats.forged_outcomes == 1
+    assert [(i, m.reason) for _, i, m in out if m.command.value == "ERROR"] == [
+        (b"w1", "unknown-worker")
+    ]
     h.reply(b"w2", job, b'{"value": 7}')
-    results = [m for d, i, m in h.sent() if d is Dest.FRONTEND and m.result]
-    assert len(results) == 1
-    assert h.core.stats.duplicate_outcomes == 1 and h.core.stats.unknown_replies == 0
+    assert [json.loads(m.result) for m in outcomes(h.sent())] == [{"value": 7}]
+    assert h.core.stats.duplicate_outcomes == 0 and h.core.stats.unknown_replies == 0
 
 
 CORRAL = {"running": []}  # the INFORM meta that marks a corral worker
@@ -235,7 +240,7 @@ def outcomes(messages):
     return [m for d, i, m in messages if d is Dest.FRONTEND and m.result]
 
 
-def test_late_outcome_from_lost_worker_aborts_the_new_copy(h):
+def test_late_outcome_from_a_lost_worker_is_refused_while_another_runs_the_job(h):
     h.inform(b"w1", meta=CORRAL)
     h.ready(b"w1")
     job = h.submit(headers="reply-requested,guarantee")
@@ -244,12 +249,20 @@ def test_late_outcome_from_lost_worker_aborts_the_new_copy(h):
     h.inform(b"w2", meta=CORRAL)
     h.ready(b"w2")
     assert h.dispatched(h.sent()) == [(b"w2", job)]
+    h.reply(b"w1", job, b'{"value": 1}')  # w1 is not registered: not its job any more
+    out = h.sent()
+    assert aborts(out) == [] and outcomes(out) == []
+    assert h.core.stats.forged_outcomes == 1
+    # Back and registered, w1 still may not report a job that runs on w2.
+    h.inform(b"w1", meta=CORRAL)
     h.reply(b"w1", job, b'{"value": 1}')
     out = h.sent()
-    assert aborts(out) == [(b"w2", job)]
-    assert [json.loads(m.result) for m in outcomes(out)] == [{"value": 1}]
-    h.reply(b"w2", job, CANCELLED)  # w2's answer to the ABORT
-    assert outcomes(h.sent()) == []
+    assert outcomes(out) == [] and h.core.stats.forged_outcomes == 2
+    assert [(i, m.reason) for _, i, m in out if m.command.value == "ERROR"] == [
+        (b"w1", "NotHolder")
+    ]
+    h.reply(b"w2", job, b'{"value": 2}')
+    assert [json.loads(m.result) for m in outcomes(h.sent())] == [{"value": 2}]
     assert h.core.stats.duplicate_outcomes == 0 and not h.core.workers[b"w2"].aborted
 
 
@@ -305,11 +318,11 @@ def test_eventmq_worker_is_never_sent_abort(h):
     h.inform(b"w2")
     h.ready(b"w2")
     h.sent()
-    h.reply(b"w1", job)
+    h.reply(b"w1", job)  # refused: w1 was given up for lost, w2 holds the job
     out = h.sent()
-    assert aborts(out) == [] and len(outcomes(out)) == 1
+    assert aborts(out) == [] and outcomes(out) == []
     h.reply(b"w2", job)
-    assert outcomes(h.sent()) == [] and h.core.stats.duplicate_outcomes == 1
+    assert len(outcomes(h.sent())) == 1 and h.core.stats.forged_outcomes == 1
 
 
 def test_reinform_keeps_jobs_the_worker_still_holds(h):
@@ -706,20 +719,28 @@ def test_a_corral_worker_is_told_its_processes_may_send_outcomes(h):
     assert acks[b"emq"] is None
 
 
+def worker_proof(h, ident):
+    """Register ``ident`` as a corral worker; return the proof its ACK gives it."""
+    h.inform(ident, meta=CORRAL)
+    acks = [m for _, i, m in h.sent() if i == ident and m.command.value == "ACK"]
+    return acks[-1].meta["proof"].encode()
+
+
 def test_an_outcome_from_a_workers_process_counts_as_the_workers(h):
-    h.inform(b"w1", meta=CORRAL)
+    proof = worker_proof(h, b"w1")
     h.ready(b"w1")
     first, second = h.submit(), h.submit()
     assert h.dispatched(h.sent()) == [(b"w1", first)]
     h.now += 5
-    reply_ready(h, b"w1/4242", first)  # the job's process, with READY for the slot
+    # The job's process, with its worker's proof and READY for the slot.
+    reply_ready(h, b"w1/4242/" + proof, first)
     out = h.sent()
     assert [m.ref for m in outcomes(out)] == [first]
     # The slot came back to w1 (not to a peer of its own): the next job goes there.
     assert h.dispatched(out) == [(b"w1", second)]
     worker = h.core.workers[b"w1"]
     assert worker.last_seen == h.now and worker.processed == 1
-    assert b"w1/4242" not in h.core.workers
+    assert b"w1/4242/" + proof not in h.core.workers
     status = h.core.status(h.now)
     assert status["direct_outcomes"] == 1 and status["unknown_replies"] == 0
     # A second copy of that outcome (the worker re-sends it) is a counted duplicate.

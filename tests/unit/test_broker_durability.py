@@ -159,12 +159,16 @@ def test_a_restored_prefetched_job_whose_worker_does_not_return_runs_again():
     assert h.core.jobs["p1"].attempts == 0
 
 
-def test_result_before_worker_returns_is_kept():
+def test_an_outcome_kept_over_a_restart_is_recorded_once_its_worker_is_back():
     snap = Snapshot(jobs=[_job("r1", "running", "w1", attempts=1)], workers=[])
     h = Harness()
     h.core.restore(snap, h.now)
-    h.reply(b"w1", "r1")  # the worker re-sends its outcome before re-INFORMing
-    h.inform(b"w1", meta={"running": []})
+    h.reply(b"w1", "r1")  # before it registers again: not a worker of ours yet
+    assert h.core.jobs["r1"].state is JobState.RUNNING
+    assert h.core.stats.forged_outcomes == 1
+    # It registers again, naming the outcome it will re-send, and re-sends it.
+    h.inform(b"w1", meta={"running": [], "outcomes": ["r1"]})
+    h.reply(b"w1", "r1")
     h.now += 100
     h.core.tick(h.now)
     jobs, _, _ = records(h)
@@ -223,9 +227,9 @@ def test_outcome_for_a_restored_queued_job_takes_it_out_of_its_queue():
     # The broker died after the job ran but before its dispatch was stored.
     h = Harness()
     h.core.restore(Snapshot(jobs=[_job("q1", "queued")], workers=[]), h.now)
-    h.reply(b"w1", "q1")  # the worker re-sends the outcome it kept
+    h.inform(b"w1", meta={"running": [], "outcomes": ["q1"]})
     assert not h.core.queues["default"].waiting
-    h.inform(b"w1", meta={"running": []})
+    h.reply(b"w1", "q1")  # the worker re-sends the outcome it kept
     h.ready(b"w1")
     assert h.dispatched(h.sent()) == []
     jobs, _, _ = records(h)
@@ -241,7 +245,11 @@ def test_late_failure_of_a_lost_worker_waits_out_its_backoff_not_in_the_queue():
     h.now += 4
     h.core.tick(h.now)  # w1 went silent: its job is queued again (retries left)
     assert [j.id for j in h.core.queues["default"].waiting] == [job]
-    h.reply(b"w1", job, FAIL)  # ...and then its failure arrives after all
+    h.reply(b"w1", job, FAIL)  # its failure, while it is not registered: refused
+    assert h.core.jobs[job].state is JobState.QUEUED
+    # It registers again naming the outcome it kept, and re-sends it.
+    h.inform(b"w1", meta={"running": [], "outcomes": [job]})
+    h.reply(b"w1", job, FAIL)
     assert h.core.jobs[job].state is JobState.RETRYING
     assert list(h.core.queues["default"].waiting) == []
     h.inform(b"w2", meta={"running": []})

@@ -10,9 +10,12 @@ with a store can hold them until the job is durably recorded.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import hmac
 import logging
 import random
+import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from corral.broker import access
 from corral.broker.model import Job, JobState, Queue, Scheduler, Worker, peer_name
 from corral.protocol import (
     DEFAULT_MAX_FRAME,
@@ -41,6 +45,7 @@ from corral.protocol import (
     Ready,
     Recall,
     Release,
+    ReloadKeys,
     Reply,
     Request,
     Schedule,
@@ -56,6 +61,7 @@ from corral.protocol import (
 from corral.scheduler.desk import OPS as SCHEDULE_OPS
 from corral.scheduler.desk import Claim, Refusal, ScheduleDesk, SchedulerConfig
 from corral.scheduler.ids import schedule_id, tick_id
+from corral.security.principal import SCHEDULER, TRUSTED, Principal, Visibility
 from corral.store.base import JobRecord, ScheduleRecord, Snapshot, WorkerRecord
 
 log = logging.getLogger("corral.broker")
@@ -71,8 +77,9 @@ class Dest(IntEnum):
 
 
 Outgoing = tuple[Dest, bytes, list[bytes]]
-#: A handler of a corral command the core leaves to another part (job streams).
-Extension = Callable[[Dest, bytes, Message, float], None]
+#: A handler of a corral command the core leaves to another part (job streams):
+#: ``(socket, identity, message, now, sender)``.
+Extension = Callable[[Dest, bytes, Message, float, Principal], None]
 
 
 @dataclass(slots=True)
@@ -122,6 +129,13 @@ class Stats:
     #: and jobs workers handed back unstarted (recalled, or leaving).
     recalled: int = 0
     released: int = 0
+    #: Messages refused because their sender's role does not allow them.
+    not_authorized: int = 0
+    #: Outcomes refused because their sender does not hold the job.
+    forged_outcomes: int = 0
+    #: Connections refused during their handshake (no key, or a key not authorised
+    #: there); counted by the shell's socket monitors.
+    auth_refused: int = 0
 
 
 class BrokerCore:
@@ -196,67 +210,85 @@ class BrokerCore:
         #: reply_ready: REPLY may carry READY; direct_outcomes: outcomes may come from
         #: the worker's job processes (see on_backend).
         self.worker_ack_meta: dict[str, Any] = {"reply_ready": 1, "direct_outcomes": 1}
+        #: Which jobs a principal may see and change (the shell reloads its roster).
+        self.visibility = Visibility()
+        #: The secret from which each corral worker's proof is derived: its job
+        #: processes show it to send outcomes themselves. The shell sets the one its
+        #: store keeps, so proofs outlive a restart.
+        self.secret = secrets.token_bytes(32)
+        #: Identities of job processes whose proof was checked, with their worker's.
+        self._proven: dict[bytes, bytes] = {}
+        #: What the shell says of the broker's security (keys, open endpoints), for STATUS.
+        self.security: dict[str, Any] = {"keys": False}
+        #: RELOAD_KEYS commands for the shell to carry out: (admin identity, msgid).
+        self.reload_requests: list[tuple[bytes, str]] = []
 
     # ------------------------------------------------------------ entry points
 
-    def on_frontend(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+    def on_frontend(
+        self, identity: bytes, frames: Sequence[bytes], now: float, peer: Principal = TRUSTED
+    ) -> None:
+        """A message on the frontend; ``peer``: who sent it (see :mod:`corral.broker.access`)."""
         msg = self._parse(Dest.FRONTEND, identity, frames)
         if msg is None:
+            return
+        if not peer.trusted and not self._permitted(Dest.FRONTEND, identity, msg, peer):
             return
         sched = self.schedulers.get(identity)
         if sched is not None:
             sched.last_seen = now  # any message from a scheduler counts as a heartbeat
         if isinstance(msg, Request):
-            self._on_request(identity, msg, frames, now)
+            self._on_request(identity, msg, frames, now, peer)
         elif isinstance(msg, Query):
             if msg.op in SCHEDULE_OPS:
                 self._on_schedule_query(identity, msg, now)
             else:
-                self.queries.append((identity, msg))
+                self.queries.append((identity, msg, peer))
         elif isinstance(msg, Inform):
-            self._on_scheduler_inform(identity, msg, now)
+            self._on_scheduler_inform(identity, msg, now, peer)
         elif isinstance(msg, Schedule):  # and Unschedule
             self._on_schedule(identity, msg, frames, now)
         elif isinstance(msg, Kbye):
             self._drop_scheduler(identity)
-        elif isinstance(msg, Disconnect):
-            self.stopping = True
         elif isinstance(msg, Ack | Reply | Error | Heartbeat):
             pass  # schedulers answer us and heartbeat (their liveness is noted above)
         elif msg.command in self.extensions:
-            self.extensions[msg.command](Dest.FRONTEND, identity, msg, now)
+            self.extensions[msg.command](Dest.FRONTEND, identity, msg, now, peer)
         else:
-            self._refuse(
-                Dest.FRONTEND,
-                identity,
-                "unexpected-command",
-                f"{msg.command.value} is not accepted on the frontend",
-                msg.msgid,
-            )
+            # DISCONNECT too: only an admin on the admin socket stops the broker.
+            where = "admin socket" if isinstance(msg, Disconnect) else "backend"
+            detail = f"{msg.command.value} is not accepted on the frontend"
+            if isinstance(msg, Disconnect):
+                detail += f" (send it to the {where}, with an admin key)"
+            self._refuse(Dest.FRONTEND, identity, "unexpected-command", detail, msg.msgid)
 
-    def on_backend(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+    def on_backend(
+        self, identity: bytes, frames: Sequence[bytes], now: float, peer: Principal = TRUSTED
+    ) -> None:
+        """A message on the backend; ``peer``: who sent it (see :mod:`corral.broker.access`)."""
         msg = self._parse(Dest.BACKEND, identity, frames)
         if msg is None:
             return
         worker = self.workers.get(identity)
-        if worker is None and isinstance(msg, Reply):
-            # A corral worker's job process sends outcomes itself, as "<worker>/<pid>":
-            # they count as the worker's. (One whose worker is not known yet, after a
-            # restart, is handled as any REPLY from an unknown peer; its worker re-sends.)
-            owner = self.workers.get(identity.rpartition(b"/")[0])
-            if owner is not None and owner.corral:
-                identity, worker = owner.identity, owner
-                self.stats.direct_outcomes += 1
+        if worker is None and isinstance(msg, Reply) and identity.count(b"/") >= 2:
+            # A corral worker's job process sends outcomes itself as
+            # "<worker>/<pid>/<proof>": with the worker's proof they count as its own.
+            worker = self._process_owner(identity)
+            if worker is None:
+                return
+            identity = worker.identity
+        if not peer.trusted and not self._permitted(Dest.BACKEND, identity, msg, peer):
+            return
         if worker is not None:
             worker.last_seen = now
         if isinstance(msg, Ready):
             self._ready_from(identity, worker, msg.msgid, now)
         elif isinstance(msg, Reply):
             self._on_result(identity, worker, msg, now)
-            if msg.ready:  # the READY that came with the outcome
+            if msg.ready and worker is not None:  # the READY that came with the outcome
                 self._ready_from(identity, worker, msg.msgid, now)
         elif isinstance(msg, Inform):
-            self._on_worker_inform(identity, msg, now)
+            self._on_worker_inform(identity, msg, now, peer)
         elif isinstance(msg, Heartbeat):
             if worker is None:
                 self._refuse(
@@ -276,7 +308,7 @@ class BrokerCore:
         elif isinstance(msg, Ack | Error):
             pass
         elif msg.command in self.extensions:
-            self.extensions[msg.command](Dest.BACKEND, identity, msg, now)
+            self.extensions[msg.command](Dest.BACKEND, identity, msg, now, peer)
         else:
             self._refuse(
                 Dest.BACKEND,
@@ -286,21 +318,33 @@ class BrokerCore:
                 msg.msgid,
             )
 
-    def on_admin(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+    def on_admin(
+        self, identity: bytes, frames: Sequence[bytes], now: float, peer: Principal = TRUSTED
+    ) -> None:
+        """A message on the admin socket; ``peer``: who sent it."""
         msg = self._parse(Dest.ADMIN, identity, frames)
         if msg is None:
+            return
+        if isinstance(msg, Hello):
+            return  # emq-cli's greeting: never answered
+        if not peer.trusted and not self._permitted(Dest.ADMIN, identity, msg, peer):
             return
         if isinstance(msg, Status):
             self._send_json(Dest.ADMIN, identity, self.status(now))
         elif isinstance(msg, ShowWorkers):
             self._send_json(Dest.ADMIN, identity, self.show_workers(now))
-        elif isinstance(msg, Hello):
-            pass
         elif isinstance(msg, ShowSchedulers):
             self._send_json(Dest.ADMIN, identity, self.show_schedulers(now))
         elif isinstance(msg, Disconnect):
+            why = access.may_disconnect(peer)
+            if why is not None:
+                self._not_authorized(Dest.ADMIN, identity, msg, peer, why)
+                return
+            log.warning("DISCONNECT from %s on the admin socket: stopping", peer.describe())
             self.outbox.append((Dest.ADMIN, identity, Ack(new_msgid(), msg.msgid).to_frames()))
             self.stopping = True
+        elif isinstance(msg, ReloadKeys):
+            self.reload_requests.append((identity, msg.msgid))
         else:
             self._refuse(
                 Dest.ADMIN,
@@ -309,6 +353,77 @@ class BrokerCore:
                 f"{msg.command.value} is not accepted on the admin socket",
                 msg.msgid,
             )
+
+    # ------------------------------------------------------------ who may send what
+
+    def _permitted(self, dest: Dest, identity: bytes, msg: Message, peer: Principal) -> bool:
+        """Whether ``peer``'s role allows ``msg`` here; refuse it (NotAuthorized) if not."""
+        table = (access.FRONTEND, access.BACKEND, access.ADMIN_SOCKET)[dest]
+        role = table.get(msg.command)
+        if role is None:
+            return True  # not a command of this socket: refused for that, whoever sent it
+        registered: Worker | Scheduler | None = None
+        if dest is Dest.FRONTEND:
+            registered = self.schedulers.get(identity)
+            if registered is not None and isinstance(msg, Request):
+                role = SCHEDULER  # a scheduler's tick
+        elif dest is Dest.BACKEND:
+            registered = self.workers.get(identity)
+        why = access.refusal(peer, msg.command.value, role)
+        if why is None and isinstance(msg, Query) and msg.op in access.ADMIN_OPS:
+            why = access.refusal(peer, f"QUERY {msg.op}", access.ADMIN)
+        if why is None and registered is not None and registered.principal.name != peer.name:
+            why = (
+                f"identity {peer_name(identity[:64])} was registered by key "
+                f"{registered.principal.name!r}, not by {peer.describe()}"
+            )
+        if why is None:
+            return True
+        self._not_authorized(dest, identity, msg, peer, why)
+        return False
+
+    def _not_authorized(
+        self, dest: Dest, identity: bytes, msg: Message, peer: Principal, why: str
+    ) -> None:
+        self.stats.not_authorized += 1
+        key = (peer.name.encode() + b"\0" + identity[:64], f"not-authorized:{msg.command}")
+        if key not in self._logged:
+            self._remember_logged(key)
+            log.warning(
+                "refused %s from %s on the %s: %s (further ones are counted, not logged)",
+                msg.command.value,
+                peer_name(identity[:64]),
+                dest.name.lower(),
+                why,
+            )
+        if not isinstance(msg, Error):  # never answer an ERROR with an ERROR
+            self._refuse(dest, identity, access.NOT_AUTHORIZED, why, msg.msgid, log_it=False)
+
+    def _process_owner(self, identity: bytes) -> Worker | None:
+        """The worker whose job process sent an outcome as ``identity``, if its proof holds."""
+        name = self._proven.get(identity)
+        if name is None:
+            # The worker's uuid may hold a "/" of its own: the pid and proof are last.
+            name, pid, proof = identity.rsplit(b"/", 2)
+            if not (pid.isdigit() and hmac.compare_digest(proof, self.worker_proof(name))):
+                self._forged_outcome(identity, None, "a job process without its worker's proof")
+                return None
+            if len(self._proven) > 10_000:
+                self._proven.clear()
+            self._proven[identity] = name
+        worker = self.workers.get(name)
+        if worker is None or not worker.corral:
+            # Its worker has not registered (again) yet, after a restart: the worker
+            # sends the outcome again once it has.
+            log.debug("outcome from %s before its worker registered; ignored", peer_name(identity))
+            return None
+        self.stats.direct_outcomes += 1
+        return worker
+
+    def worker_proof(self, worker: bytes) -> bytes:
+        """What a corral worker's job processes show to send outcomes themselves."""
+        mac = hmac.new(self.secret, b"corral-worker-proof\0" + worker, hashlib.sha256)
+        return mac.hexdigest()[:40].encode()
 
     def tick(self, now: float) -> float:
         """Send due heartbeats and drop silent peers; return when to tick next."""
@@ -373,7 +488,12 @@ class BrokerCore:
     # ------------------------------------------------------------ jobs
 
     def _on_request(
-        self, identity: bytes, msg: Request, frames: Sequence[bytes], now: float
+        self,
+        identity: bytes,
+        msg: Request,
+        frames: Sequence[bytes],
+        now: float,
+        peer: Principal = TRUSTED,
     ) -> None:
         if self.desk.is_tick(identity, msg.msgid):
             self._on_tick(identity, msg, frames, now)
@@ -403,6 +523,7 @@ class BrokerCore:
         job = Job(msg.msgid, msg.queue, msg.headers, list(frames[4:7]), identity, now)
         job.submitted_at = now + self.wall_offset
         job.label = msg.headers.get("label")
+        job.owner = peer.owner
         self.jobs[job.id] = job
         self.dirty[job.id] = job
         self.stats.accepted += 1
@@ -630,9 +751,15 @@ class BrokerCore:
         self._enqueue(job, now, front=True)
 
     def _on_result(self, identity: bytes, worker: Worker | None, msg: Reply, now: float) -> None:
+        """An outcome: recorded only from the worker that holds the job (see :meth:`_holds`)."""
         if msg.result is None:
             return  # a worker acknowledging something: nothing to route
-        if worker is not None and msg.ref in worker.aborted:
+        if worker is None:
+            # Also a worker that lost us (we restarted): told so, it registers again,
+            # saying which outcomes it will send, and sends them.
+            self._forged_outcome(identity, msg, "a peer that is not a registered worker")
+            return
+        if msg.ref in worker.aborted:
             # The JobCancelled outcome of a job we told this worker to drop.
             worker.aborted.discard(msg.ref)
             return
@@ -653,32 +780,66 @@ class BrokerCore:
                 self.stats.unknown_replies += 1
                 log.info("result for unknown job %s from %s ignored", msg.ref, peer_name(identity))
             return
+        holds = self._holds(worker, job)
+        if holds is None:
+            self.stats.duplicate_outcomes += 1  # a failure re-sent while the job waits to retry
+            return
+        if not holds:
+            where = f"it runs on {job.worker.name}" if job.worker else f"it is {job.state.value}"
+            self._forged_outcome(
+                identity, msg, f"worker {worker.name}, which does not hold it ({where})"
+            )
+            return
         outcome = msg.outcome()
         error_type = outcome.error.type if outcome.error is not None else None
-        holder = job.worker
-        if holder is None or holder.identity != identity:
-            if error_type == "JobCancelled":
-                # Only the holder's cancellation counts: this one answers an
-                # ABORT sent before this worker re-registered.
-                self.stats.duplicate_outcomes += 1
-                return
-            # The job was requeued (and maybe given to another worker) after this
-            # one was given up for lost. The first outcome to arrive is the one
-            # recorded; a worker still running a copy is told to drop it.
-            log.warning(
-                "result for job %s from %s, which no longer holds it; recorded",
-                job.id,
-                peer_name(identity),
+        if job.worker is None:
+            # The job was requeued after this worker was given up for lost, and no
+            # one else started it: the outcome of the run it was dispatched for counts.
+            log.info(
+                "job %s finished on worker %s, which was given up for lost", job.id, worker.name
             )
-            if holder is not None:
-                self._abort(holder, job.id, "finished elsewhere")
-                self._promote(holder, now)
-        if worker is not None:
-            worker.processed += 1
+        worker.processed += 1
         if error_type is not None and error_type not in _FINAL_ERRORS and self._retries_left(job):
             self._retry_later(job, msg.result, error_type, now)
         else:
             self._finish(job, msg.result, error_type, now)
+
+    @staticmethod
+    def _holds(worker: Worker, job: Job) -> bool | None:
+        """Whether ``worker`` may report ``job``'s outcome (``None``: it did, already).
+
+        It may if it holds the job, or if the job was last dispatched to it and
+        is still waiting for that run to be accounted for: restored as running,
+        or requeued after the worker was given up for lost and not started by
+        another. Nobody else may: not another worker, not a peer that never had it.
+        """
+        if job.worker is worker:
+            return True
+        if job.worker is not None or job.worker_uuid != worker.name:
+            return False
+        if job.state is JobState.RETRYING:
+            return None
+        return job.state in (JobState.RUNNING, JobState.QUEUED) and job.waiting_on is None
+
+    def _forged_outcome(self, identity: bytes, msg: Reply | None, sender: str) -> None:
+        """Refuse an outcome its sender may not give: log once per peer, count, answer."""
+        self.stats.forged_outcomes += 1
+        ref = msg.ref if msg is not None else "?"
+        key = (identity[:64], "forged-outcome")
+        if key not in self._logged:
+            self._remember_logged(key)
+            log.warning(
+                "refused an outcome for job %s from %s: %s (further ones from this peer "
+                "are counted as forged_outcomes, not logged)",
+                ref,
+                peer_name(identity[:64]),
+                sender,
+            )
+        if msg is not None:
+            detail = f"outcome for job {ref} refused: it comes from {sender}"
+            # A peer that never registered is asked to (a worker that lost us does so).
+            reason = "unknown-worker" if identity not in self.workers else "NotHolder"
+            self._refuse(Dest.BACKEND, identity, reason, detail, msg.msgid, log_it=False)
 
     def _promote(self, worker: Worker, now: float) -> None:
         """A job of ``worker`` ended: the next one it holds has started (it runs in order).
@@ -813,7 +974,9 @@ class BrokerCore:
 
     # ------------------------------------------------------------ workers
 
-    def _on_worker_inform(self, identity: bytes, msg: Inform, now: float) -> None:
+    def _on_worker_inform(
+        self, identity: bytes, msg: Inform, now: float, peer: Principal = TRUSTED
+    ) -> None:
         if msg.kind != "worker":
             self._refuse(
                 Dest.BACKEND, identity, "bad-inform", "schedulers INFORM on the frontend", msg.msgid
@@ -821,12 +984,14 @@ class BrokerCore:
             return
         queues = msg.queues or self.config.default_queues
         #: Jobs the worker says it still runs (corral workers; EventMQ's never say).
-        claims: list[str] = (msg.meta or {}).get("running", [])
+        claims: list[str] = _ids((msg.meta or {}).get("running"))
+        #: Jobs whose outcome it holds and will send again (it lost us before we had it).
+        outcomes = _ids((msg.meta or {}).get("outcomes"))
         old = self.workers.get(identity)
         if old is not None:
             # A worker re-announcing itself (it lost us, or we lost it): its
             # slots start over; jobs it no longer holds are lost.
-            self._remove_worker(old, now, reason="re-informed", keep=set(claims))
+            self._remove_worker(old, now, reason="re-informed", keep={*claims, *outcomes})
         worker = Worker(
             identity,
             queues,
@@ -835,6 +1000,7 @@ class BrokerCore:
             corral=msg.meta is not None,
             registered=now,
             concurrency=_concurrency(msg.meta),
+            principal=peer,
         )
         self.workers[identity] = worker
         self.dirty_workers[worker.name] = worker
@@ -850,6 +1016,10 @@ class BrokerCore:
         for job_id in claims:
             if self._adopt(worker, held.pop(job_id, None) or self.jobs.get(job_id), job_id):
                 kept += 1
+        for job_id in outcomes:
+            job = held.pop(job_id, None) or self.jobs.get(job_id)
+            if job is not None and self._adopt(worker, job, job_id, abort=False):
+                kept += 1  # it holds the job until that outcome comes
         for job in held.values():
             # Restored as running on this worker, which no longer has it.
             self._job_lost(job, worker.name, now)
@@ -857,7 +1027,10 @@ class BrokerCore:
             log.info("worker %s is back after the restart and keeps %d job(s)", worker.name, kept)
         for weight, name in queues:
             self._queue(name).add(weight, worker)
-        meta = {**self.worker_ack_meta, "id": worker.id} if worker.corral else None
+        meta = None
+        if worker.corral:
+            proof = self.worker_proof(identity).decode()
+            meta = {**self.worker_ack_meta, "id": worker.id, "proof": proof}
         self.outbox.append((Dest.BACKEND, identity, Ack(new_msgid(), msg.msgid, meta).to_frames()))
         # EventMQ job managers start their processes on the first HEARTBEAT.
         self.outbox.append((Dest.BACKEND, identity, _heartbeat(repr(now).encode())))
@@ -865,14 +1038,16 @@ class BrokerCore:
             "worker %s joined, queues %s", worker.name, ",".join(f"{n}:{w}" for w, n in queues)
         )
 
-    def _adopt(self, worker: Worker, job: Job | None, job_id: str) -> bool:
+    def _adopt(self, worker: Worker, job: Job | None, job_id: str, *, abort: bool = True) -> bool:
         """A (re)joining worker says it runs ``job_id``: let it keep the job, or abort its copy.
 
         It keeps the job if the job is still running on it (or on nobody, after
         a restart) or waits in its queue (it was requeued when the worker was
         given up for lost, but no one has started it). A job that is running
         elsewhere, waiting out a retry, or finished is aborted on this worker,
-        so that no job runs twice because a lost worker came back.
+        so that no job runs twice because a lost worker came back. Without
+        ``abort`` (a job whose outcome the worker will send again) nothing is
+        aborted: the outcome is refused if the worker does not hold the job.
         """
         identity = worker.identity
         if job is not None and self.jobs.get(job_id) is job:
@@ -897,6 +1072,8 @@ class BrokerCore:
                 self.dirty[job.id] = job
                 log.info("job %s stays with worker %s, which came back", job_id, worker.name)
                 return True
+        if not abort:
+            return False
         if job_id in self._recent:
             where = "finished"
         elif job is None or job_id not in self.jobs:
@@ -958,6 +1135,21 @@ class BrokerCore:
         for job in lost:
             self._job_lost(job, worker.name, now)
 
+    def drop_revoked(self, keys: set[str], now: float) -> list[str]:
+        """Forget workers and schedulers whose key is no longer authorised; return their names.
+
+        A worker's jobs go as when a worker is lost (run again elsewhere, or fail).
+        """
+        dropped = []
+        for worker in [w for w in self.workers.values() if _revoked(w.principal, keys)]:
+            dropped.append(worker.name)
+            self._remove_worker(worker, now, reason=f"lost its key ({worker.principal.name})")
+        for sched in [s for s in self.schedulers.values() if _revoked(s.principal, keys)]:
+            dropped.append(sched.name)
+            log.warning("scheduler %s lost its key (%s); dropped", sched.name, sched.principal.name)
+            self._drop_scheduler(sched.identity)
+        return dropped
+
     def _job_lost(self, job: Job, worker_name: str, now: float) -> None:
         self._recalling.pop(job.id, None)
         if self.jobs.get(job.id) is not job or job.state is not JobState.RUNNING:
@@ -1011,14 +1203,16 @@ class BrokerCore:
 
     # ------------------------------------------------------------ schedulers
 
-    def _on_scheduler_inform(self, identity: bytes, msg: Inform, now: float) -> None:
+    def _on_scheduler_inform(
+        self, identity: bytes, msg: Inform, now: float, peer: Principal = TRUSTED
+    ) -> None:
         if msg.kind != "scheduler":
             self._refuse(
                 Dest.FRONTEND, identity, "bad-inform", "workers INFORM on the backend", msg.msgid
             )
             return
         corral = msg.meta is not None
-        self.schedulers[identity] = Scheduler(identity, now, corral=corral)
+        self.schedulers[identity] = Scheduler(identity, now, corral=corral, principal=peer)
         self.outbox.append((Dest.FRONTEND, identity, Ack(new_msgid(), msg.msgid).to_frames()))
         self.outbox.append((Dest.FRONTEND, identity, _heartbeat(repr(now).encode())))
         log.info("%s scheduler %s joined", "corral" if corral else "EventMQ", peer_name(identity))
@@ -1130,6 +1324,10 @@ class BrokerCore:
             "unknown_replies": self.stats.unknown_replies,
             "duplicate_outcomes": self.stats.duplicate_outcomes,
             "direct_outcomes": self.stats.direct_outcomes,
+            "forged_outcomes": self.stats.forged_outcomes,
+            "not_authorized": self.stats.not_authorized,
+            "auth_refused": self.stats.auth_refused,
+            "security": self.security,
             "internal_errors": self.stats.internal_errors,
             "malformed_messages": dict(self.stats.malformed),
         }
@@ -1194,9 +1392,7 @@ class BrokerCore:
         self.stats.malformed[exc.reason] += 1
         key = (identity[:64], exc.reason)
         if key not in self._logged:
-            self._logged[key] = None
-            if len(self._logged) > self.config.bad_input_memory:
-                self._logged.popitem(last=False)
+            self._remember_logged(key)
             log.warning(
                 "bad message from %s on %s: %s (further ones from this peer "
                 "for this reason are counted, not logged)",
@@ -1208,6 +1404,12 @@ class BrokerCore:
         if len(frames) > 2 and frames[2] == b"ERROR":
             return
         self._refuse(dest, identity, exc.reason, exc.detail, exc.msgid, log_it=False)
+
+    def _remember_logged(self, key: tuple[bytes, str]) -> None:
+        """Note that ``key`` (a peer and a reason) was logged: log once, count the rest."""
+        self._logged[key] = None
+        if len(self._logged) > self.config.bad_input_memory:
+            self._logged.popitem(last=False)
 
     def _refuse(
         self,
@@ -1404,6 +1606,7 @@ def job_record(job: Job, wall_offset: float = 0.0) -> JobRecord:
         result=job.result,
         label=job.label,
         error_type=job.error_type,
+        owner=job.owner,
     )
 
 
@@ -1424,6 +1627,7 @@ def job_from_record(rec: JobRecord, now: float, wall_offset: float) -> Job:
     job.worker_uuid, job.worker_id = rec.worker_uuid, rec.worker_id
     job.submitted_at, job.started_at = rec.submitted, rec.started
     job.label, job.result, job.error_type = rec.label, rec.result, rec.error_type
+    job.owner = rec.owner
     return job
 
 
@@ -1431,6 +1635,17 @@ def holds_answers(held: list[Outgoing]) -> bool:
     """Whether held messages include answers that wait for their own change to be stored
     (a schedule's), not only acknowledgements: answers have six frames, acks five."""
     return any(len(frames) == 6 for _, _, frames in held)
+
+
+def _ids(value: Any) -> list[str]:
+    """The job ids of an INFORM meta list (anything else in it is ignored)."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value[:100_000] if isinstance(v, str) and 0 < len(v) <= 256]
+
+
+def _revoked(principal: Principal, keys: set[str]) -> bool:
+    return bool(principal.key) and principal.key not in keys
 
 
 def _concurrency(meta: dict[str, Any] | None) -> int:

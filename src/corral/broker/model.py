@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from corral.protocol import Headers
+from corral.security.principal import TRUSTED, Principal
 
 
 class JobState(StrEnum):
@@ -57,6 +58,8 @@ class Job:
     waiting_on: set[str] | None = None
     #: Its record went to the store in full once: later writes carry only what changes.
     written: bool = False
+    #: The name of the principal (key) that submitted it; ``None`` without keys.
+    owner: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -81,6 +84,8 @@ class Worker:
     #: Processes it runs jobs in (a corral worker's INFORM says); 0: unknown, and
     #: then every slot counts as a process. Slots beyond it are prefetch.
     concurrency: int = 0
+    #: The key it registered with: every later message from its identity must carry it.
+    principal: Principal = TRUSTED
 
     @property
     def idle_processes(self) -> int:
@@ -100,6 +105,8 @@ class Scheduler:
     last_seen: float
     #: A corral scheduler process (it names its ticks); else an EventMQ scheduler.
     corral: bool = False
+    #: The key it registered with (see Worker.principal).
+    principal: Principal = TRUSTED
 
     @property
     def name(self) -> str:

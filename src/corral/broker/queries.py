@@ -15,9 +15,11 @@ from typing import Any
 
 import msgspec
 
+from corral.broker import access
 from corral.broker.core import BrokerCore, Dest, job_record
 from corral.broker.model import JobState
 from corral.protocol import PROTOCOL, Query, encode_outcome_error, new_msgid
+from corral.security.principal import TRUSTED, Principal
 from corral.store.base import JobQuery, JobRecord, Store
 from corral.store.query import FINISHED_STATES, matches
 
@@ -26,8 +28,9 @@ log = logging.getLogger("corral.broker")
 _outcome = msgspec.json.Decoder()
 MAX_LIMIT = 10_000
 _STATES = frozenset(state.value for state in JobState)
-#: The identity of the client whose QUERY the current task answers.
+#: The identity of the client whose QUERY the current task answers, and its principal.
 _caller: ContextVar[bytes] = ContextVar("caller", default=b"")
+_peer: ContextVar[Principal] = ContextVar("peer", default=TRUSTED)
 
 
 class QueryError(Exception):
@@ -51,6 +54,7 @@ def job_view(rec: JobRecord, *, with_result: bool = True) -> dict[str, Any]:
         "received": rec.received,
         "label": rec.label,
         "headers": rec.headers,
+        "owner": rec.owner,
         "error": None,
     }
     after = [t[6:] for t in rec.headers.split(",") if t.startswith("after:")]
@@ -93,14 +97,16 @@ class QueryHandler:
         self.send = send
         self.now = now
 
-    def handle(self, identity: bytes, query: Query) -> None:
+    def handle(self, identity: bytes, query: Query, peer: Principal = TRUSTED) -> None:
         op = getattr(self, f"op_{query.op}", None)
         if op is None:
             self._answer_error(identity, query, "BadRequest", f"unknown query op {query.op!r}")
             return
-        asyncio.ensure_future(self._run(op, identity, query))
+        asyncio.ensure_future(self._run(op, identity, query, peer))
 
-    async def _run(self, op: Callable[..., Any], identity: bytes, query: Query) -> None:
+    async def _run(
+        self, op: Callable[..., Any], identity: bytes, query: Query, peer: Principal
+    ) -> None:
         try:
             inspect.signature(op).bind(**query.params)
         except TypeError as exc:
@@ -109,6 +115,7 @@ class QueryHandler:
             )
             return
         _caller.set(identity)  # this task's own context: concurrent queries do not mix
+        _peer.set(peer)
         try:
             value = await op(**query.params)
         except QueryError as exc:
@@ -134,14 +141,30 @@ class QueryHandler:
         self._answer(identity, query, encode_outcome_error(type_, message))
 
     async def _record(self, job_id: str) -> JobRecord | None:
+        """The newest record of ``job_id``, if the caller may see it."""
         job = self.core.jobs.get(job_id)
         if job is not None:
-            return job_record(job, self.core.wall_offset)
-        # Whatever is not newer in memory now is in the store before the read below.
-        rec = self.unstored().get(job_id)
-        if rec is not None:
-            return rec
-        return await self.run_in_thread(self.store.get_job, job_id)
+            rec: JobRecord | None = job_record(job, self.core.wall_offset)
+        else:
+            # Whatever is not newer in memory now is in the store before the read below.
+            rec = self.unstored().get(job_id)
+            if rec is None:
+                rec = await self.run_in_thread(self.store.get_job, job_id)
+        if rec is not None and not self._visible(rec.owner):
+            return None  # as if it did not exist: nobody learns of others' jobs
+        return rec
+
+    def _visible(self, owner: str | None) -> bool:
+        return self.core.visibility.can_see(_peer.get(), owner)
+
+    def _may_change(self, job_id: str, owner: str | None, what: str) -> None:
+        peer = _peer.get()
+        if not self.core.visibility.can_change(peer, owner):
+            raise QueryError(
+                access.NOT_AUTHORIZED,
+                f"{what} of job {job_id} needs the admin role: it was submitted by "
+                f"another client, and {peer.describe()} may change only its own jobs",
+            )
 
     # ------------------------------------------------------------ ops
 
@@ -177,6 +200,7 @@ class QueryHandler:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 raise QueryError("BadRequest", f"{name} has the wrong type")
+        owners = self.core.visibility.owners_seen_by(_peer.get())
         query = JobQuery(
             states=states,
             queue=queue,
@@ -185,6 +209,7 @@ class QueryHandler:
             since=since,
             until=until,
             limit=limit,
+            owners=None if owners is None else sorted(owners),
         )
         # The store lags the core by at most one commit: taken before the read,
         # these records cover every change the read may miss.
@@ -215,6 +240,11 @@ class QueryHandler:
             raise QueryError("BadRequest", f"ids must be a list of at most {MAX_LIMIT} job ids")
         for job_id in ids:
             _job_id(job_id)
+        # Jobs the caller may not see are as good as unknown to it.
+        hidden = {
+            i for i in ids if i in self.core.jobs and not self._visible(self.core.jobs[i].owner)
+        }
+        ids = [i for i in ids if i not in hidden]
         wanted = [i for i in ids if i not in self.core.jobs]
         newer = self.unstored()
         records = {rec.id: rec for rec in await self.run_in_thread(self.store.get_jobs, wanted)}
@@ -225,7 +255,9 @@ class QueryHandler:
             # After the read: a job that arrived or came back meanwhile is listened to too.
             caller = _caller.get()
             for job_id in ids:
-                self.core.listen(job_id, caller)
+                job = self.core.jobs.get(job_id)
+                if job is not None and self._visible(job.owner):
+                    self.core.listen(job_id, caller)
         # Jobs that ended during the read: too late to listen to, so read them as well.
         late = [i for i in ids if i not in records and i not in self.core.jobs and i not in wanted]
         if late:
@@ -241,19 +273,20 @@ class QueryHandler:
             if job_id in self.core.jobs:
                 continue  # submitted, restored or retried meanwhile: it is not over
             rec = records.get(job_id)
-            if rec is None:
+            if rec is None or not self._visible(rec.owner):
                 unknown.append(job_id)
             elif rec.state in FINISHED_STATES and rec.result is not None:
                 try:
                     finished[job_id] = _outcome.decode(rec.result)
                 except msgspec.DecodeError:
                     finished[job_id] = {"error": {"type": "BadResult", "message": "unreadable"}}
-        return {"finished": finished, "unknown": unknown}
+        return {"finished": finished, "unknown": unknown + sorted(hidden)}
 
     async def op_retry(self, id: str) -> dict[str, Any]:  # noqa: A002
         rec = await self._record(_job_id(id))
         if rec is None:
             raise QueryError("NotFound", f"no job {id!r}")
+        self._may_change(rec.id, rec.owner, "a retry")
         if not self.core.retry(rec, self.now()):
             raise QueryError(
                 "NotRetryable",
@@ -264,6 +297,11 @@ class QueryHandler:
     async def op_cancel(self, id: str) -> dict[str, Any]:  # noqa: A002
         """Cancel a job that has not ended; say so, and in what state it is, if it has."""
         job_id = _job_id(id)
+        live = self.core.jobs.get(job_id)
+        if live is not None:
+            if not self._visible(live.owner):
+                raise QueryError("NotFound", f"no job {id!r} (never submitted, or purged)")
+            self._may_change(job_id, live.owner, "cancelling")
         was = self.core.cancel(job_id, self.now())
         if was is not None:
             return {"id": job_id, "state": "cancelled", "cancelled": True, "was": was}
@@ -283,6 +321,11 @@ class QueryHandler:
             raise QueryError("BadRequest", "older_than is a number of seconds")
         if not 0 <= older_than < 1e10:
             raise QueryError("BadRequest", "older_than must be >= 0 seconds")
+        peer = _peer.get()
+        if not peer.has(access.ADMIN):
+            raise QueryError(
+                access.NOT_AUTHORIZED, f"purge needs the admin role; {peer.describe()}"
+            )
         if self.purge is None:
             raise QueryError("NotAvailable", "this broker cannot purge its store")
         return {"purged": await self.purge(older_than)}

@@ -22,12 +22,14 @@ import msgspec
 import zmq
 
 from corral._clock import follow_wall_clock
-from corral._loop import has_input, recv_frames, send_frames
+from corral._loop import has_input, send_frames
 from corral.broker.core import BrokerCore, Dest, holds_answers, job_record
 from corral.broker.lines import AddressInUse as LinesInUse
 from corral.broker.lines import LineServer
 from corral.broker.queries import QueryHandler
+from corral.broker.security import BrokerGuard, InsecureBind, Reader, SecurityConfig, check_binds
 from corral.broker.streams import BrokerStreams, merge_batches
+from corral.protocol import PROTOCOL, new_tag
 from corral.store.base import JobRecord, Store, StoreError, WorkerRecord
 from corral.store.memory import MemoryStore
 from corral.store.streams import StreamBatch
@@ -76,6 +78,7 @@ class BrokerServer:
         context: zmq.Context | None = None,
         streams: BrokerStreams | None = None,
         stream_lines: str | None = None,
+        security: SecurityConfig | None = None,
     ) -> None:
         self.core = core
         #: Job streams; ``stream_lines`` is the TCP line server's endpoint (None: none).
@@ -116,6 +119,11 @@ class BrokerServer:
         self.retention = retention
         self._purge_timer: asyncio.TimerHandle | None = None
         self.context = context or zmq.Context.instance()
+        #: CURVE, who sent each message, key reloads (see corral.broker.security).
+        self.guard = BrokerGuard(security or SecurityConfig(), self.context, self._count_refused)
+        #: Endpoints that listen beyond loopback without CURVE (allowed by --insecure).
+        self.insecure_endpoints: list[str] = []
+        self._recv: dict[Dest, Reader] = {}
         self.sockets: dict[Dest, zmq.Socket] = {}
         self.send_failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +154,8 @@ class BrokerServer:
         self.core.restore(snapshot, time.monotonic())
         if hasattr(self.store, "load_streams"):
             self.streams.restore(*self.store.load_streams())
+            # Workers' proofs come from the stored secret too, so they outlive a restart.
+            self.core.secret = self.streams.secret.encode()
         else:
             self.streams.persistent = False
             log.warning("the store %s keeps no job streams; they live in memory", self.store.url)
@@ -160,6 +170,27 @@ class BrokerServer:
         return await self._loop.run_in_executor(self._readers, fn, *args)
 
     def bind(self) -> None:
+        """Bind every endpoint (raises AddressInUse or InsecureBind with advice)."""
+        guard = self.guard
+        try:
+            self.insecure_endpoints = check_binds(
+                guard.config,
+                {
+                    **{dest.name.lower(): ep for dest, ep in self.endpoints.items()},
+                    "notify": self.notify_endpoint,
+                    "streams": self.lines.endpoint if self.lines is not None else None,
+                },
+            )
+        except InsecureBind:
+            self.close()
+            raise
+        self.core.security = {**guard.status(), "insecure_endpoints": self.insecure_endpoints}
+        if self.insecure_endpoints:
+            log.warning(
+                "--insecure: %s listen(s) beyond loopback without keys; anyone who reaches "
+                "them may take jobs, forge results or stop the broker",
+                ", ".join(self.insecure_endpoints),
+            )
         if self.lines is not None and self.lines.sock is None:
             try:
                 self.lines.bind()
@@ -169,6 +200,7 @@ class BrokerServer:
             self._notify = self.context.socket(zmq.PUB)
             self._notify.setsockopt(zmq.LINGER, 0)
             self._notify.setsockopt(zmq.SNDHWM, 10_000)
+            guard.secure(self._notify, "notify")
             try:
                 self._notify.bind(self.notify_endpoint)
             except zmq.ZMQError as exc:
@@ -189,6 +221,7 @@ class BrokerServer:
             # A peer whose single message is larger than this is disconnected by
             # libzmq before the message is ever buffered whole.
             sock.setsockopt(zmq.MAXMSGSIZE, self.core.config.max_frame * 4)
+            guard.secure(sock, dest.name.lower())
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
@@ -202,6 +235,25 @@ class BrokerServer:
                     ) from None
                 raise
             self.sockets[dest] = sock
+            self._recv[dest] = guard.reader(dest.name.lower(), sock)
+
+    def _count_refused(self, count: int) -> None:
+        self.core.stats.auth_refused += count
+
+    def reload_keys(self) -> dict[str, Any]:
+        """Read the authorised keys again (SIGHUP, RELOAD_KEYS); drop peers of removed keys."""
+        try:
+            changes = self.guard.reload()
+        except Exception as exc:  # noqa: BLE001 - a bad key file must not stop the broker
+            log.error("could not reload the keys (the old ones stay in force): %s", exc)
+            return {"error": str(exc)}
+        self.core.visibility.reload(self.guard.roster)
+        if self.guard.keyed:
+            dropped = self.core.drop_revoked(set(self.guard.roster.by_key), time.monotonic())
+            changes["dropped"] = dropped
+        self.core.security = {**self.guard.status(), "insecure_endpoints": self.insecure_endpoints}
+        self._flush()
+        return changes
 
     async def serve(self) -> None:
         """Bind (if not yet), serve until :meth:`stop` or a DISCONNECT, then say KBYE."""
@@ -217,6 +269,12 @@ class BrokerServer:
                 self._loop.add_signal_handler(sig, self.stop)
             except (ValueError, RuntimeError):
                 pass  # not the main thread: the owner stops us
+        try:
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        except (ValueError, RuntimeError):
+            pass
+        self.core.visibility.reload(self.guard.roster)
+        self.guard.watch(self._loop)
         if self.lines is not None:
             await self.lines.start()
         self._tick()
@@ -242,7 +300,7 @@ class BrokerServer:
             self._timer.cancel()
         if self._purge_timer:
             self._purge_timer.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 self._loop.remove_signal_handler(sig)
             except (ValueError, RuntimeError):
@@ -257,6 +315,7 @@ class BrokerServer:
         self.close()
 
     def close(self) -> None:
+        self.guard.close(self._loop)
         if self.lines is not None:
             self.lines.close()
         for sock in self.sockets.values():
@@ -282,14 +341,15 @@ class BrokerServer:
             return
         core = self.core
         handler = (core.on_frontend, core.on_backend, core.on_admin)[dest]
+        recv = self._recv[dest]
         now = time.monotonic()
         for _ in range(BATCH):
             try:
-                frames = recv_frames(sock)
+                frames, peer = recv()
             except zmq.Again:
                 break
             try:
-                handler(frames[0], frames[1:], now)
+                handler(frames[0], frames[1:], now, peer)
             except Exception:  # noqa: BLE001 - one bad message must not stop the broker
                 core.internal_error(dest, frames)
         else:
@@ -317,8 +377,14 @@ class BrokerServer:
         core.notifications.clear()
         if core.queries:
             queries, core.queries = core.queries, []
-            for identity, query in queries:
-                self.queries.handle(identity, query)
+            for identity, query, peer in queries:
+                self.queries.handle(identity, query, peer)
+        if core.reload_requests:
+            requests, core.reload_requests = core.reload_requests, []
+            for identity, _msgid in requests:
+                changes = msgspec.json.encode(self.reload_keys())
+                frames = [b"", PROTOCOL, b"REPLY", new_tag(), changes]
+                self._send([(Dest.ADMIN, identity, frames)])
         if core.lookups:
             lookups, core.lookups = core.lookups, []
             asyncio.ensure_future(self._look_up(lookups))

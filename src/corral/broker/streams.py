@@ -41,6 +41,7 @@ from corral.protocol import (
     new_msgid,
     new_tag,
 )
+from corral.security.principal import TRUSTED, Principal
 from corral.store.base import JobRecord
 from corral.store.query import FINISHED_STATES
 from corral.store.streams import StreamBatch, StreamRecord
@@ -206,7 +207,9 @@ class BrokerStreams:
 
     # ------------------------------------------------------------ workers
 
-    def on_stream(self, dest: Dest, identity: bytes, msg: Message, now: float) -> None:
+    def on_stream(
+        self, dest: Dest, identity: bytes, msg: Message, now: float, peer: Principal = TRUSTED
+    ) -> None:
         core = self.core
         assert isinstance(msg, Stream)
         if dest is not Dest.BACKEND or msg.ref:
@@ -257,7 +260,9 @@ class BrokerStreams:
 
     # ------------------------------------------------------------ python listeners
 
-    def on_listen(self, dest: Dest, identity: bytes, msg: Message, now: float) -> None:
+    def on_listen(
+        self, dest: Dest, identity: bytes, msg: Message, now: float, peer: Principal = TRUSTED
+    ) -> None:
         assert isinstance(msg, Listen)
         if dest is not Dest.FRONTEND:
             self.core._refuse(
