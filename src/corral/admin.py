@@ -17,6 +17,8 @@ from corral.protocol import (
     new_msgid,
     parse,
 )
+from corral.security.curve import connect_curve
+from corral.security.keys import PeerKeys
 
 
 class AdminError(RuntimeError):
@@ -29,6 +31,7 @@ def admin_request(
     *,
     timeout: float = 5.0,
     context: zmq.Context | None = None,
+    keys: PeerKeys | str | None = None,
 ) -> Any:
     """Send one admin ``command`` and return the decoded JSON reply.
 
@@ -39,6 +42,7 @@ def admin_request(
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, f"admin:{new_msgid()}".encode())
+    connect_curve(sock, keys)  # an admin key (or $CORRAL_KEYS) for a broker with keys
     try:
         sock.connect(address)
         sock.send_multipart([b"", PROTOCOL, command.encode(), f"admin:{new_msgid()}".encode()])

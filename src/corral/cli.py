@@ -15,6 +15,13 @@ from corral.gateway.command import BROKER_OPTIONS as GATEWAY_OPTIONS
 from corral.gateway.command import beside as gateway_beside
 from corral.gateway.command import gateway_command, gateway_for_broker
 from corral.protocol import DEFAULT_ADMIN, DEFAULT_BACKEND, DEFAULT_FRONTEND
+from corral.security.cli import (
+    BROKER_SECURITY_OPTIONS,
+    PEER_KEYS_OPTION,
+    keys_group,
+    security_config,
+)
+from corral.security.curve import KEYS_ENV
 
 DEFAULT_NOTIFY = "tcp://127.0.0.1:47294"
 DEFAULT_STREAMS = "tcp://127.0.0.1:47295"
@@ -202,6 +209,7 @@ _BROKER_OPTIONS = [
         envvar="CORRAL_TIMEZONE",
         help="Time zone in which cron schedules read the clock (IANA name).",
     ),
+    *BROKER_SECURITY_OPTIONS,
     click.option(
         "--missed-ticks",
         type=click.Choice(["coalesce", "skip"]),
@@ -330,15 +338,23 @@ def _make_broker(
     stream_history: int = 1000,
     stream_queue: int = 10_000,
     stream_token: str | None = None,
+    keys: str | None = None,
+    open_endpoints: str = "",
+    insecure: bool = False,
 ):
     """Open the store, take back its state and bind; exit with a clear message on failure."""
     from corral.broker.core import BrokerConfig, BrokerCore
+    from corral.broker.security import InsecureBind
     from corral.broker.server import AddressInUse, BrokerServer
     from corral.broker.streams import BrokerStreams
     from corral.scheduler import SchedulerConfig
     from corral.store import StoreError, open_store
     from corral.streams.hub import HubConfig
 
+    security = security_config(keys, open_endpoints, insecure)
+    if keys:
+        # The broker's own key has every role: its gateway and `corral up`'s worker use it.
+        os.environ[KEYS_ENV] = keys
     if store_url is None:
         store_url = "sqlite:///" + os.path.join(data_dir or default_data_dir(), "broker.db")
     try:
@@ -382,11 +398,12 @@ def _make_broker(
             core, HubConfig(history=stream_history, listener_queue=stream_queue), stream_token
         ),
         stream_lines=streams or None,
+        security=security,
     )
     try:
         server.open_store(require_state=restore)
         server.bind()
-    except (StoreError, AddressInUse) as exc:
+    except (StoreError, AddressInUse, InsecureBind) as exc:
         server.close()
         raise click.ClickException(str(exc)) from None
     log.info("store: %s", store.url)
@@ -474,6 +491,7 @@ def broker(log_level: str, **opts: Any) -> None:
 @_options(_WORKER_OPTIONS)
 @click.option("--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--uuid", "identity", default=None, help="Worker identity [default: a new uuid4].")
+@PEER_KEYS_OPTION
 @_options([_LOG_OPTION])
 def worker(log_level: str, **opts: Any) -> None:
     """Run a worker that serves jobs from a broker."""
@@ -506,6 +524,9 @@ _BROKER_KEYS = {
     "stream_history",
     "stream_queue",
     "stream_token",
+    "keys",
+    "open_endpoints",
+    "insecure",
 }
 _WORKER_KEYS = {
     "backend",
@@ -579,6 +600,7 @@ def _banner(frontend: str, admin: str, store: str) -> str:
     envvar="CORRAL_BROKER",
     help=f"Frontend endpoint [default: {DEFAULT_FRONTEND}, or $CORRAL_BROKER].",
 )
+@PEER_KEYS_OPTION
 def submit(
     target: str,
     args: tuple[str, ...],
@@ -633,6 +655,7 @@ def _json_arg(text: str) -> Any:
 @click.option("--admin", default=DEFAULT_ADMIN, show_default=True, envvar="CORRAL_ADMIN")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 @click.option("--timeout", default=5.0, show_default=True)
+@PEER_KEYS_OPTION
 def status(admin: str, as_json: bool, timeout: float) -> None:
     """Show the broker's queues and workers."""
     from corral.admin import AdminError, admin_request
@@ -676,6 +699,7 @@ _JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the r
 @main.command("job")
 @click.argument("job_id")
 @_BROKER_OPTION
+@PEER_KEYS_OPTION
 @_JSON_OPTION
 def job_cmd(job_id: str, address: str | None, as_json: bool) -> None:
     """Show one job's record."""
@@ -704,6 +728,7 @@ def job_cmd(job_id: str, address: str | None, as_json: bool) -> None:
 )
 @click.option("--limit", "-n", default=50, show_default=True)
 @_BROKER_OPTION
+@PEER_KEYS_OPTION
 @_JSON_OPTION
 def jobs_cmd(
     state: tuple[str, ...],
@@ -741,6 +766,7 @@ def jobs_cmd(
 @main.command("cancel")
 @click.argument("job_id")
 @_BROKER_OPTION
+@PEER_KEYS_OPTION
 @_JSON_OPTION
 def cancel_cmd(job_id: str, address: str | None, as_json: bool) -> None:
     """Cancel a job: a queued one never runs, a running one's process is killed."""
@@ -762,6 +788,7 @@ def cancel_cmd(job_id: str, address: str | None, as_json: bool) -> None:
     help="Delete records of jobs that ended longer ago than this (e.g. 90s, 30m, 12h, 7d).",
 )
 @_BROKER_OPTION
+@PEER_KEYS_OPTION
 @_JSON_OPTION
 def purge_cmd(older_than: str, address: str | None, as_json: bool) -> None:
     """Delete the records (and results) of jobs that ended long ago."""
@@ -776,6 +803,7 @@ def purge_cmd(older_than: str, address: str | None, as_json: bool) -> None:
 @main.command("retry")
 @click.argument("job_id")
 @_BROKER_OPTION
+@PEER_KEYS_OPTION
 @_JSON_OPTION
 def retry_cmd(job_id: str, address: str | None, as_json: bool) -> None:
     """Put a dead, failed or cancelled job back in its queue."""
@@ -790,6 +818,7 @@ def retry_cmd(job_id: str, address: str | None, as_json: bool) -> None:
 @click.argument("job_id")
 @click.option("--after", type=int, default=None, help="Start after this sequence number.")
 @_BROKER_OPTION
+@PEER_KEYS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print each message as a JSON line.")
 def tail_cmd(job_id: str, after: int | None, address: str | None, as_json: bool) -> None:
     """Follow JOB_ID's stream (progress bar and log lines); exit 0 if it succeeds, 1 if not."""
@@ -811,3 +840,4 @@ def _register_schedule_commands() -> None:
 
 _register_schedule_commands()
 main.add_command(gateway_command)
+main.add_command(keys_group)

@@ -45,6 +45,8 @@ async def started(concurrency: int = 1, **options: Any) -> AsyncIterator[Pool]:
     options.setdefault("allow", ["tests"])
     options.setdefault("log_level", "WARNING")
     pool = Pool(concurrency, **options)
+    # What the worker takes from the broker's ACK: the proof its processes show.
+    pool.direct_proof = b"proof-1"
     await pool.start()
     try:
         yield pool
@@ -428,7 +430,7 @@ async def test_a_direct_jobs_process_sends_its_outcome_to_the_broker_itself() ->
         async with started(1, direct_to=(address, "worker-1")) as pool:
             job_id, outcome = await until_delivered(pool)
             identity, *frames = received(sock)
-            assert identity == f"worker-1/{pool.pids[0]}".encode()
+            assert identity == f"worker-1/{pool.pids[0]}/proof-1".encode()
             assert frames[:3] == [b"", PROTOCOL, b"REPLY"]
             # The outcome, the job, and READY for its slot: one message, as from a worker.
             assert frames[4:] == [outcome, job_id.encode(), b"ready"]

@@ -317,7 +317,7 @@ def test_a_fixed_prefetch_does_not_follow_the_run_time() -> None:
     asyncio.run(main())
 
 
-DIRECT = {"reply_ready": 1, "direct_outcomes": 1}
+DIRECT = {"reply_ready": 1, "direct_outcomes": 1, "proof": "p-1"}
 
 
 async def _until(predicate, timeout: float = 10.0) -> None:
@@ -345,7 +345,7 @@ def test_with_the_offer_a_job_on_an_idle_process_has_its_outcome_sent_by_that_pr
         # A fixed prefetch: no READY of its own when the depth adapts to run times.
         broker, manager, task = await _started(ack_meta=DIRECT, prefetch=0)
         job = await _until_direct(broker)
-        assert broker.sender == broker.worker + f"/{manager.pool.pids[0]}".encode()
+        assert broker.sender == broker.worker + f"/{manager.pool.pids[0]}/p-1".encode()
         # The worker hears of it from its process (just after the broker did).
         await _until(lambda: job in manager._recent)  # kept for re-sending
         assert manager.delivered >= 1

@@ -27,6 +27,7 @@ from corral.client.sync import configure_socket
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, NotAcknowledged
 from corral.protocol import Listen, Query, new_msgid
+from corral.security.keys import PeerKeys
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class AsyncClient:
         identity: str | None = None,
         ack_timeout: float = 10.0,
         context: zmq.asyncio.Context | None = None,
+        keys: PeerKeys | str | None = None,
     ) -> None:
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0 seconds, not {ack_timeout!r}")
@@ -63,7 +65,7 @@ class AsyncClient:
         ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket = ctx.socket(zmq.DEALER)
         try:
-            configure_socket(self._sock, self.identity)
+            configure_socket(self._sock, self.identity, keys)
             self._sock.connect(self.address)
         except BaseException:
             self._sock.close(linger=0)

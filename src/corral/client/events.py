@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 import msgspec
 import zmq
 
+from corral.security.curve import connect_curve
+from corral.security.keys import PeerKeys
+
 TOPICS = ("registered", "unregistered")
 
 
@@ -52,12 +55,19 @@ class WorkerEvents:
     most ``timeout`` seconds. Close it (or use ``with``) when done.
     """
 
-    def __init__(self, endpoint: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        keys: PeerKeys | str | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.workers: dict[str, Any] = {}
         ctx = context or zmq.Context.instance()
         self._sock = ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
+        connect_curve(self._sock, keys)
         for topic in TOPICS:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._decode = msgspec.json.Decoder(dict[str, Any])

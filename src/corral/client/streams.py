@@ -28,6 +28,7 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 from corral.codec import Codec
 from corral.errors import Rejected
 from corral.protocol import Error, Listen, ProtocolError, Stream, new_msgid, parse
+from corral.security.curve import connect_curve
 from corral.streams.messages import Close, Gap, Header, Message, decode_items
 
 _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -127,6 +128,7 @@ def _socket(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 3000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+    connect_curve(sock, None)  # $CORRAL_KEYS, if set
     sock.connect(address)
     return sock
 

@@ -41,6 +41,8 @@ from corral.client.streams import JobStream
 from corral.client.wire import apply_outcomes, deliver, resync_queries
 from corral.errors import ClientClosed, JobFailed, NotAcknowledged
 from corral.protocol import Listen, Query, new_msgid
+from corral.security.curve import connect_curve
+from corral.security.keys import PeerKeys
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def configure_socket(sock: zmq.Socket, identity: str) -> None:
-    """Options every client DEALER gets: text identity, short linger, quick reconnects."""
+def configure_socket(sock: zmq.Socket, identity: str, keys: PeerKeys | str | None = None) -> None:
+    """Options every client DEALER gets: text identity, short linger, quick reconnects,
+    CURVE with ``keys`` (or ``$CORRAL_KEYS``) if there are any."""
     sock.setsockopt(zmq.IDENTITY, identity.encode())
+    connect_curve(sock, keys)
     # A closing client should not keep the process alive for long over unsent messages;
     # close() already waited for the broker to acknowledge what it sent.
     sock.setsockopt(zmq.LINGER, 500)
@@ -86,7 +90,9 @@ class Client:
     for the broker's acknowledgement before failing with
     :class:`~corral.errors.NotAcknowledged`; results themselves may take as
     long as the job runs. ``context`` defaults to the process's shared
-    ``zmq.Context.instance()``.
+    ``zmq.Context.instance()``. ``keys``: this client's CURVE keys (a
+    :class:`~corral.security.keys.PeerKeys` or the directory ``corral keys
+    add`` made), default ``$CORRAL_KEYS``; needed by a broker with keys.
 
     Any number of threads may call :meth:`submit` at once. Use as a context
     manager, or call :meth:`close`.
@@ -99,12 +105,14 @@ class Client:
         identity: str | None = None,
         ack_timeout: float = 10.0,
         context: zmq.Context | None = None,
+        keys: PeerKeys | str | None = None,
     ) -> None:
         if not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0 seconds, not {ack_timeout!r}")
         self.address = broker_address(address)
         self.identity = identity or new_msgid()
         self.ack_timeout = float(ack_timeout)
+        self._keys = keys
         self._generation = _fork_generation
         self._outbox: deque[Job] = deque()
         self._signalled = False
@@ -120,7 +128,7 @@ class Client:
         ctx = context or zmq.Context.instance()
         self._sock = ctx.socket(zmq.DEALER)
         try:
-            configure_socket(self._sock, self.identity)
+            configure_socket(self._sock, self.identity, keys)
             self._sock.connect(self.address)
         except BaseException:
             self._sock.close(linger=0)
@@ -438,7 +446,7 @@ class Client:
         endpoint = self.workers().get("notify")
         if not endpoint:
             raise JobFailed("NotAvailable", "this broker publishes no notices (--notify '')")
-        events = WorkerEvents(notify_address(endpoint, self.address))
+        events = WorkerEvents(notify_address(endpoint, self.address), keys=self._keys)
         try:
             events.join(lambda probe: self.query("workers", probe=probe), timeout)
         except BaseException:

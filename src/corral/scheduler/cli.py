@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from corral.protocol import DEFAULT_FRONTEND
+from corral.security.cli import PEER_KEYS_OPTION
 
 _BROKER = click.option(
     "--broker",
@@ -111,6 +112,7 @@ def print_schedules(schedules: list[dict[str, Any]]) -> None:
 @click.option("--retries", type=int, default=0, show_default=True, help="Retries of each run.")
 @click.option("--guarantee", is_flag=True, help="Each run completes even if its worker dies.")
 @_BROKER
+@PEER_KEYS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the stored schedule as JSON.")
 def schedule_cmd(
     target: str,
@@ -167,6 +169,7 @@ def schedule_cmd(
 
 @click.command("schedules")
 @_BROKER
+@PEER_KEYS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def schedules_cmd(address: str | None, as_json: bool) -> None:
     """List the broker's schedules."""
@@ -180,6 +183,7 @@ def schedules_cmd(address: str | None, as_json: bool) -> None:
 @click.command("unschedule")
 @click.argument("schedule_id")
 @_BROKER
+@PEER_KEYS_OPTION
 def unschedule_cmd(schedule_id: str, address: str | None) -> None:
     """Stop a schedule for good (SCHEDULE_ID may be a unique prefix of at least 6 characters)."""
     sched_id = schedule_id.strip().lower()
@@ -197,6 +201,7 @@ def unschedule_cmd(schedule_id: str, address: str | None) -> None:
 
 @click.command("scheduler")
 @_BROKER
+@PEER_KEYS_OPTION
 @click.option("--heartbeat", default=3.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--uuid", "identity", default=None, help="Scheduler identity [default: a uuid4].")
 @click.option(

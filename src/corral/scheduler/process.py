@@ -18,6 +18,7 @@ import zmq
 from corral._clock import follow_wall_clock
 from corral._loop import SocketWatcher, send_frames
 from corral.scheduler.agent import AgentConfig, SchedulerAgent
+from corral.security.curve import connect_curve
 
 log = logging.getLogger("corral.scheduler")
 
@@ -45,6 +46,7 @@ class SchedulerProcess:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        connect_curve(sock, None)  # a scheduler key from $CORRAL_KEYS, if set
         sock.connect(self.config.broker)
         self._sock = sock
         self._watcher = SocketWatcher(sock, self._on_frames)

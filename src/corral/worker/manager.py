@@ -41,6 +41,8 @@ from corral.protocol import (
     new_tag,
     parse,
 )
+from corral.security.curve import client_keys, connect_curve
+from corral.security.keys import PeerKeys
 from corral.worker.pool import Pool
 from corral.worker.streams import StreamOutbox
 
@@ -107,6 +109,9 @@ class WorkerConfig:
     #: that queue behind others, and jobs that put messages on their stream,
     #: report through the worker as always.
     direct_outcomes: bool = True
+    #: This worker's CURVE keys (``corral keys add --role worker``), for a broker
+    #: with keys; ``None``: connect without (a broker on loopback without keys).
+    keys: PeerKeys | None = None
 
 
 class WorkerManager:
@@ -126,7 +131,11 @@ class WorkerManager:
                 "log_level": config.stream_log_level,
                 "capture": config.capture_output,
             },
-            direct_to=(config.backend, config.identity) if config.direct_outcomes else None,
+            direct_to=(
+                (config.backend, config.identity, client_keys(config.keys))
+                if config.direct_outcomes
+                else None
+            ),
             resend=self._resend_outcome,
         )
         self.running: dict[str, asyncio.Future[bytes]] = {}
@@ -178,6 +187,7 @@ class WorkerManager:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.config.reconnect_max * 1000))
         sock.setsockopt(zmq.SNDHWM, 100_000)
+        connect_curve(sock, self.config.keys)
         sock.connect(self.config.backend)
         self._sock = sock
         self._watcher = SocketWatcher(sock, self._on_message)
@@ -284,6 +294,9 @@ class WorkerManager:
             "worker",
             {
                 "running": list(self.running),
+                # Outcomes the broker may not have: it keeps their jobs for us until
+                # we send them again (see _resend_recent).
+                "outcomes": list(self._recent) if self._reconnected else [],
                 "concurrency": self.config.concurrency,
                 "pid": os.getpid(),
             },
@@ -334,7 +347,10 @@ class WorkerManager:
                 # corral commands (streams, the two-step goodbye).
                 self._corral_broker = msg.meta is not None
                 self._reply_ready = bool((msg.meta or {}).get("reply_ready"))
-                self._direct = bool((msg.meta or {}).get("direct_outcomes"))
+                # Outcomes from our processes count only with the proof the broker gave.
+                proof = str((msg.meta or {}).get("proof") or "").encode()
+                self._direct = bool((msg.meta or {}).get("direct_outcomes")) and bool(proof)
+                self.pool.direct_proof = proof if self._direct else None
                 self.streams.registered(bool((msg.meta or {}).get("streams")), self._reconnected)
                 self._resend_recent()
                 self._withheld = 0  # the broker counts this worker's slots from zero

@@ -47,6 +47,8 @@ import zmq
 from corral import runtime
 from corral.errors import CorralError
 from corral.protocol import Reply, new_tag
+from corral.security.curve import connect_curve
+from corral.security.keys import PeerKeys
 from corral.worker.loader import Loader, check_prefixes
 
 __all__ = ["Pool", "error_outcome"]
@@ -74,6 +76,9 @@ _FLAG_READY = 2  # ... with READY for the job's slot
 #: a crash) may have kept it from leaving the process: the parent re-sends it.
 _RESEND_AFTER_DEATH = 1.0
 _body_decode = msgspec.json.Decoder(tuple[str, dict[str, Any]]).decode
+#: Where a child sends the outcomes of direct jobs: the broker's backend address,
+#: the worker's identity and, if the broker wants them, the worker's CURVE keys.
+DirectTo = tuple[str, str] | tuple[str, str, PeerKeys | None]
 
 
 class _Frames:
@@ -184,49 +189,59 @@ def _die_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-def _job_payload(job_id: str, body: bytes, flags: int = 0) -> bytes:
-    """What the parent sends a child for one job: flags, the id, the eMQP body as received."""
+def _job_payload(job_id: str, body: bytes, flags: int = 0, proof: bytes = b"") -> bytes:
+    """What the parent sends a child for one job: flags, the id, the proof, the eMQP body.
+
+    The proof (see :class:`_Direct`) is there for a direct job only.
+    """
     raw_id = job_id.encode()
-    return _JOB_HEAD.pack(flags, len(raw_id)) + raw_id + body
+    head = _JOB_HEAD.pack(flags, len(raw_id)) + raw_id
+    if flags & _FLAG_DIRECT:
+        head += bytes([len(proof)]) + proof
+    return head + body
 
 
-def _job_frame(payload: bytes) -> tuple[str, bytes, int]:
+def _job_frame(payload: bytes) -> tuple[str, bytes, int, bytes]:
     flags, size = _JOB_HEAD.unpack_from(payload)
     end = _JOB_HEAD.size + size
-    return payload[_JOB_HEAD.size : end].decode(), payload[end:], flags
+    job_id = payload[_JOB_HEAD.size : end].decode()
+    proof = b""
+    if flags & _FLAG_DIRECT:
+        proof = payload[end + 1 : end + 1 + payload[end]]
+        end += 1 + len(proof)
+    return job_id, payload[end:], flags, proof
 
 
 class _Direct:
     """A child's own connection to the broker's backend, for the outcomes of direct jobs.
 
-    Its identity is the worker's followed by ``/`` and the child's pid: the
-    broker credits what comes from it to that worker. Connected on the first
-    direct job; until the connection is up (and whenever the broker is away)
-    :meth:`send` says no and the outcome goes the usual way, through the parent.
+    Its identity is the worker's, the child's pid and the proof the broker gave
+    the worker in its ACK, joined by ``/``: the broker credits what comes from
+    it to that worker only if the proof is the one it gave (a pid is easy to
+    guess, the proof is not). With keys, it connects with the worker's CURVE
+    key. Connected on the first direct job (and again when the proof changes,
+    after the broker restarted with another secret); until the connection is
+    up (and whenever the broker is away) :meth:`send` says no and the outcome
+    goes the usual way, through the parent.
     """
 
     #: Milliseconds a child that exits gives its last outcome to leave.
     LINGER_MS = 5000
 
-    def __init__(self, address: str, identity: str) -> None:
+    def __init__(self, address: str, identity: str, keys: PeerKeys | None = None) -> None:
         self.address = address
-        self.identity = f"{identity}/{os.getpid()}".encode()
+        self.prefix = f"{identity}/{os.getpid()}/".encode()
+        self.keys = keys
+        self.proof = b""
         self.ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
 
-    def send(self, job_id: str, outcome: bytes, ready: bool) -> bool:
+    def send(self, job_id: str, outcome: bytes, ready: bool, proof: bytes) -> bool:
+        if proof != self.proof:
+            self.close()
+            self.proof = proof
         if self.sock is None:
-            self.ctx = zmq.Context(io_threads=1)
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, self.identity)
-            # Only onto a connection that is up: otherwise the parent sends it.
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.LINGER, self.LINGER_MS)
-            sock.setsockopt(zmq.RCVHWM, 16)  # nothing is ever read from it
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-            sock.connect(self.address)
-            self.sock = sock
+            self._connect()
             return False  # the connection is not up yet
         # With ``ready`` the job's slot is offered again in the same message.
         frames = Reply(new_tag().decode(), job_id, outcome, ready).to_frames()
@@ -235,6 +250,20 @@ class _Direct:
         except zmq.ZMQError:
             return False
         return True
+
+    def _connect(self) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.prefix + self.proof)
+        # Only onto a connection that is up: otherwise the parent sends it.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.LINGER, self.LINGER_MS)
+        sock.setsockopt(zmq.RCVHWM, 16)  # nothing is ever read from it
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        connect_curve(sock, self.keys)
+        sock.connect(self.address)
+        self.sock = sock
 
     def close(self) -> None:
         if self.sock is not None:
@@ -303,7 +332,7 @@ def _child_main(
     max_jobs: int | None,
     log_level: int | str,
     stream_options: dict[str, Any] | None = None,
-    direct_to: tuple[str, str] | None = None,
+    direct_to: DirectTo | None = None,
 ) -> None:
     """Entry point of a pool child: import, say ready, then serve jobs."""
     # Ctrl-C reaches the whole process group; shutdown is the parent's call.
@@ -337,7 +366,7 @@ def _child_main(
                 if not data:
                     return  # the parent closed our pipe: shut down cleanly
                 queued.extend(frames.feed(data))
-            job_id, body, flags = _job_frame(queued.popleft())
+            job_id, body, flags, proof = _job_frame(queued.popleft())
             runtime.begin(job_id)
             outcome = _run_body(loader, body)
             # What the job put on its stream goes before its outcome, through the
@@ -347,7 +376,7 @@ def _child_main(
                 flags & _FLAG_DIRECT
                 and not streamed
                 and direct is not None
-                and direct.send(job_id, outcome, bool(flags & _FLAG_READY))
+                and direct.send(job_id, outcome, bool(flags & _FLAG_READY), proof)
             ):
                 outcome = _DELIVERED + outcome
             with lock:
@@ -456,9 +485,10 @@ class Pool:
         start_method: ``"forkserver"`` (default) or ``"spawn"``.
         start_timeout: seconds a child may take to import ``imports`` and
             report ready before :meth:`start` fails; default 60.
-        direct_to: ``(backend address, worker identity)``: children may send
-            the outcomes of jobs run with ``direct=True`` to the broker
-            themselves; default ``None`` (every outcome comes to the parent).
+        direct_to: ``(backend address, worker identity[, keys])``: children
+            may send the outcomes of jobs run with ``direct=True`` to the
+            broker themselves, once :attr:`direct_proof` is set to the proof
+            the broker gave; default ``None`` (every outcome comes to the parent).
         resend: called with ``(job_id, outcome)`` when a child dies right
             after sending an outcome itself, which may not have left: the
             caller sends it again (the broker ignores a second copy).
@@ -478,7 +508,7 @@ class Pool:
         start_timeout: float = 60.0,
         on_stream: Callable[[str, list[bytes]], None] | None = None,
         stream_options: dict[str, Any] | None = None,
-        direct_to: tuple[str, str] | None = None,
+        direct_to: DirectTo | None = None,
         resend: Callable[[str, bytes], None] | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -502,6 +532,9 @@ class Pool:
         self._on_stream = on_stream
         self._stream_options = stream_options if on_stream is not None else None
         self._direct_to = direct_to
+        #: The proof the broker gave this worker (its ACK's ``proof``); until it
+        #: is set, every outcome comes through the parent.
+        self.direct_proof: bytes | None = None
         self._resend = resend
         self._ctx = _context(start_method)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -608,9 +641,10 @@ class Pool:
         """
         future: asyncio.Future[bytes] = self._admit(job_id, timeout).create_future()
         flags = 0
-        if direct and self._direct_to is not None:
+        proof = self.direct_proof
+        if direct and self._direct_to is not None and proof:
             flags = _FLAG_DIRECT | (_FLAG_READY if offer_slot else 0)
-        frame = _frame(_job_payload(job_id, body, flags))
+        frame = _frame(_job_payload(job_id, body, flags, proof or b""))
         job = _Job(job_id, frame, timeout or None, future, done)
         self._jobs[job_id] = job
         self._pending.append(job)
