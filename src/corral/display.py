@@ -12,6 +12,12 @@ def print_status(
     stats: dict[str, Any], workers: dict[str, Any], console: Console | None = None
 ) -> None:
     console = console or Console()
+    exposed = (stats.get("security") or {}).get("insecure_endpoints") or []
+    if exposed:
+        console.print(
+            f"[bold red]insecure:[/] {', '.join(exposed)} listen beyond loopback without keys "
+            "(--insecure): anyone who reaches them may take jobs, forge results or stop the broker"
+        )
     queues = sorted(
         set(stats.get("waiting_messages_by_queue", {})) | set(workers.get("connected_queues", {}))
     )

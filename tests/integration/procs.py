@@ -216,6 +216,8 @@ class Cluster:
         self.addrs = BrokerAddrs()
         self.heartbeat = heartbeat
         self.procs: list[Proc] = []
+        #: Keys the test's own admin requests use, for a broker with --keys.
+        self.admin_keys: str | None = None
 
     def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(name, list(args), self.tmp / f"{name}-{len(self.procs)}.log", env or {})
@@ -269,13 +271,15 @@ class Cluster:
 
     def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
         try:
-            return admin_request("STATUS", self.addrs.admin, timeout=timeout)
+            return admin_request("STATUS", self.addrs.admin, timeout=timeout, keys=self.admin_keys)
         except AdminError:
             return None
 
     def workers(self, timeout: float = 2.0) -> dict[str, Any]:
         try:
-            return admin_request("ROUTER_SHOW_WORKERS", self.addrs.admin, timeout=timeout)
+            return admin_request(
+                "ROUTER_SHOW_WORKERS", self.addrs.admin, timeout=timeout, keys=self.admin_keys
+            )
         except AdminError:
             return {"connected_workers": {}, "connected_queues": {}}
 

@@ -5,7 +5,11 @@ task, runs it and reports the end; it heartbeats between calls. It prints
 one JSON line per event (``connected``, ``claimed``, ``finished``, ``failed``,
 ``refused`` when the gateway no longer wants the outcome).
 
-    python rpc_node.py RPC PUB NODE_ID [--methods echo,add,fail,sleep] [--slots N]
+    python rpc_node.py RPC PUB NODE_ID [--methods echo,add,fail,sleep] [--slots N] [--spec]
+
+With ``--spec`` it calls ``node_task_request``, ``node_task_finished`` and
+``node_task_failed`` with the spec's params (no node id: the gateway knows
+the node by the socket that connected it); without, with the node id first.
 
 Methods: ``echo`` returns its params, ``add`` sums them (or their values), ``fail`` fails with
 code 17, ``sleep`` sleeps params[0] seconds (heartbeating meanwhile) and
@@ -27,7 +31,9 @@ BROKER = "zerotask.broker."
 
 
 class Node:
-    def __init__(self, rpc: str, pub: str, node_id: str, heartbeat: float) -> None:
+    def __init__(
+        self, rpc: str, pub: str, node_id: str, heartbeat: float, spec: bool = False
+    ) -> None:
         self.context = zmq.Context()
         self.req = self.context.socket(zmq.REQ)
         self.req.setsockopt(zmq.RCVTIMEO, 15_000)
@@ -39,6 +45,7 @@ class Node:
         self.sub.setsockopt(zmq.SUBSCRIBE, f"node:{node_id}:".encode())
         self.node_id = node_id
         self.heartbeat = heartbeat
+        self.me = [] if spec else [node_id]  # what leads the task calls' params
         self.last_call = 0.0
         self.ids = itertools.count(1)
 
@@ -87,7 +94,7 @@ class Node:
             if notice.get("method") != "zerotask.node.broker_new_task":
                 continue
             method, task_id = notice["params"]
-            task = self.call("node_task_request", [self.node_id, task_id])
+            task = self.call("node_task_request", [*self.me, task_id])
             if not task:
                 continue  # another node has it, or an offer we already took
             emit("claimed", task=task_id, method=task["method"])
@@ -97,10 +104,10 @@ class Node:
                 ok, value = False, {"code": -32000, "message": repr(exc)}
             try:
                 if ok:
-                    self.call("node_task_finished", [self.node_id, task_id, value])
+                    self.call("node_task_finished", [*self.me, task_id, value])
                     emit("finished", task=task_id)
                 else:
-                    self.call("node_task_failed", [self.node_id, task_id, value])
+                    self.call("node_task_failed", [*self.me, task_id, value])
                     emit("failed", task=task_id)
             except RuntimeError as exc:  # taken back meanwhile (cancelled, say)
                 emit("refused", task=task_id, error=str(exc))
@@ -118,8 +125,9 @@ def main() -> None:
     parser.add_argument("--methods", default="echo,add,fail,sleep")
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--heartbeat", type=float, default=0.3)
+    parser.add_argument("--spec", action="store_true", help="the spec's arity (no node id)")
     args = parser.parse_args()
-    node = Node(args.rpc, args.pub, args.node_id, args.heartbeat)
+    node = Node(args.rpc, args.pub, args.node_id, args.heartbeat, args.spec)
     node.serve(args.methods.split(","), args.slots)
 
 

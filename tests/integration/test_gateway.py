@@ -161,6 +161,48 @@ def test_http_round_trip(cluster, gw):
     assert http.call(B + "client_connect") != "h1"  # still serving
 
 
+def test_a_node_with_the_specs_arity(cluster, gw, rpc):
+    """node_task_request(task_id), node_task_finished(task_id, result), node_task_failed(
+    task_id, error): the gateway knows the node by the socket that connected it, and no
+    other socket (nor HTTP) can speak for it."""
+    node = start_node(cluster, gw, "s1", "--spec")
+    out = run_client("--zmq", gw.rpc, "echo=[1, 2]", 'fail=["x"]')
+    echo, fail = out["tasks"]
+    assert (echo["status"], echo["result"]) == (FINISHED, [1, 2])
+    assert fail["status"] == FAILED
+    assert fail["result"] == {"code": 17, "message": "s1 refuses", "data": ["x"]}
+    assert [e["event"] for e in events(node)].count("claimed") == 2
+
+    client = rpc.call(B + "client_connect")
+    task = rpc.call(B + "client_new_task", [client, "sleep", [2.0]])
+    wait_for(lambda: any(e.get("task") == task for e in events(node)), procs=[node])
+
+    def refused(transport: Any, params: list[Any]) -> int:
+        with pytest.raises(RpcFailed) as info:
+            transport.call(B + "node_task_finished", params)
+        return info.value.code
+
+    http = HttpRpc(gw.url)
+    assert refused(rpc, ["s1", task, "forged"]) == -32030  # not this socket's node
+    assert refused(http, ["s1", task, "forged"]) == -32030
+    assert refused(rpc, [task, "forged"]) == -32030  # this socket connected no node
+    assert refused(http, [task, "forged"]) == -32602  # HTTP must name the node
+    assert rpc.call(B + "node_connect", {"node_id": "intruder", "methods": ["other"]})
+    assert refused(rpc, [task, "forged"]) == -32020  # held by another node
+    assert refused(rpc, ["intruder", task, "forged"]) == -32020
+    with pytest.raises(RpcFailed) as info:
+        rpc.call(B + "node_task_failed", [task, {"code": 1, "message": "forged"}])
+    assert info.value.code == -32020
+    assert rpc.call(B + "client_task_status", [client, task]) == RUNNING
+    wait_for(
+        lambda: rpc.call(B + "client_task_status", [client, task]) == FINISHED,
+        what="the node to finish its task",
+        procs=[node],
+    )
+    assert rpc.call(B + "client_task_result", [client, task]) == "s1"
+    assert not [e for e in events(node) if e["event"] == "refused"]
+
+
 def test_node_dies_mid_task_and_another_node_runs_it(cluster, gw, rpc):
     nodes = {name: start_node(cluster, gw, name, "--methods", "sleep") for name in ("a", "b")}
     client = rpc.call(B + "client_connect")

@@ -256,3 +256,57 @@ def test_requests_get_one_answer_per_call(message):
 def test_call_defaults():
     parsed = rpc.parse(b'{"jsonrpc":"2.0","method":"m"}')
     assert parsed.items == [Call("m", [], None, notification=True)]
+
+
+def test_optional_first_binds_by_count_only():
+    sig = Signature(
+        ("node", "task", "result"), 3, optional_first=True, aliases=(("out", "result"),)
+    )
+    assert sig.bind(["n", "t", "r"]) == {"node": "n", "task": "t", "result": "r"}
+    assert sig.bind(["t", "r"]) == {"task": "t", "result": "r"}
+    assert sig.bind(["n", "n"]) == {"task": "n", "result": "n"}  # values never decide
+    assert sig.bind({"task": "t", "out": 1}) == {"task": "t", "result": 1}
+    assert sig.bind({"node": None, "task": "t", "result": 1})["node"] is None
+    for bad in (
+        ["t"],
+        [],
+        ["a", "b", "c", "d"],
+        {"node": "n"},
+        {"task": "t", "out": 1, "result": 2},
+    ):
+        with pytest.raises(RpcError) as info:
+            sig.bind(bad)
+        assert info.value.code == rpc.INVALID_PARAMS, bad
+    with pytest.raises(RpcError, match="missing result"):
+        sig.bind(["t"])
+    # without optional_first nothing moves
+    with pytest.raises(RpcError, match="missing result"):
+        Signature(("node", "task", "result"), 3).bind(["t", "r"])
+
+
+def test_the_caller_comes_from_the_transport_not_the_params():
+    methods = Methods()
+
+    async def who(x: Any = None, caller: Any = None) -> Any:
+        return [x, caller]
+
+    async def plain(x: Any = None) -> Any:
+        return x
+
+    methods.add("who", Signature(("x",)), who, caller=True)
+    methods.add("plain", Signature(("x",)), plain)
+
+    def run(raw: bytes, caller: Any = None) -> Any:
+        return json.loads(asyncio.run(rpc.handle(raw, methods.dispatch, caller=caller)))
+
+    assert run(b'{"jsonrpc":"2.0","method":"who","params":[1],"id":1}', ("peer",))["result"] == [
+        1,
+        ["peer"],
+    ]
+    assert run(b'{"jsonrpc":"2.0","method":"who","id":1}')["result"] == [None, None]
+    forged = b'{"jsonrpc":"2.0","method":"who","params":{"caller":"x"},"id":1}'
+    assert run(forged, ("peer",))["error"]["code"] == rpc.INVALID_PARAMS
+    assert run(b'{"jsonrpc":"2.0","method":"plain","params":[2],"id":1}', ("p",))["result"] == 2
+    batch = b'[{"jsonrpc":"2.0","method":"who","id":1},{"jsonrpc":"2.0","method":"who","id":2}]'
+    assert [a["result"][1] for a in run(batch, ("b",))] == [["b"], ["b"]]
+    assert rpc.parse(b'{"jsonrpc":"2.0","method":"m"}', caller="c").items[0].caller == "c"

@@ -39,8 +39,17 @@ class QueryError(Exception):
         self.type = type_
 
 
-def job_view(rec: JobRecord, *, with_result: bool = True) -> dict[str, Any]:
-    """The public shape of a job record (what clients, the CLI and the gateway see)."""
+def job_view(
+    rec: JobRecord, *, with_result: bool = True, gateway_owner: bool = True
+) -> dict[str, Any]:
+    """The public shape of a job record (what clients, the CLI and the gateway see).
+
+    Without ``gateway_owner`` the ``owner:<client_id>`` header token the gateway
+    names its clients by is left out: only admins (a gateway is one) see it.
+    """
+    headers = rec.headers
+    if not gateway_owner and "owner:" in headers:
+        headers = ",".join(t for t in headers.split(",") if not t.startswith("owner:"))
     view: dict[str, Any] = {
         "id": rec.id,
         "queue": rec.queue,
@@ -53,7 +62,7 @@ def job_view(rec: JobRecord, *, with_result: bool = True) -> dict[str, Any]:
         "completed": rec.completed,
         "received": rec.received,
         "label": rec.label,
-        "headers": rec.headers,
+        "headers": headers,
         "owner": rec.owner,
         "error": None,
     }
@@ -172,7 +181,7 @@ class QueryHandler:
         rec = await self._record(_job_id(id))
         if rec is None:
             raise QueryError("NotFound", f"no job {id!r} (never submitted, or purged)")
-        return job_view(rec, with_result=with_result)
+        return job_view(rec, with_result=with_result, gateway_owner=_peer.get().admin)
 
     async def op_jobs(
         self,
@@ -226,7 +235,8 @@ class QueryHandler:
             key=lambda rec: rec.submitted,
             reverse=True,
         )
-        return [job_view(rec, with_result=False) for rec in records[:limit]]
+        reveal = _peer.get().admin
+        return [job_view(r, with_result=False, gateway_owner=reveal) for r in records[:limit]]
 
     async def op_outcomes(self, ids: list[str], listen: bool = False) -> dict[str, Any]:
         """How these jobs ended, for a client catching up after a reconnect or attaching to a job.

@@ -15,6 +15,10 @@ lost notice costs a second, not a task), the node claims it with
 ``node_task_request`` and reports the end with ``node_task_finished`` or
 ``node_task_failed``, which become the job's REPLY.
 
+Every node call takes the caller (the connection it came on) as well: a node
+belongs to the caller that connected it, and a call that names no node is
+the caller's node's (see :mod:`corral.gateway.callers`).
+
 :class:`NodeBook` takes calls and broker messages and queues :attr:`actions`
 for the shell: open or close a node's socket, send frames on it, publish a
 notice.
@@ -31,6 +35,7 @@ from typing import Any
 import msgspec
 
 from corral.gateway import zerotask
+from corral.gateway.callers import CALLER, Callers, check
 from corral.gateway.rpc import INVALID_PARAMS, RpcError
 from corral.protocol import (
     Abort,
@@ -115,6 +120,8 @@ class Node:
     broker_sent: float = 0.0
     #: The broker may have lost outcomes sent before it forgot this node.
     resend: bool = False
+    #: The connection that connected it (``None``: a transport without identity).
+    caller: Any = None
 
     @property
     def identity(self) -> bytes:
@@ -149,6 +156,7 @@ class NodeBook:
         self.nodes: dict[str, Node] = {}
         #: Which node holds each offered task.
         self.holders: dict[str, Node] = {}
+        self.callers = Callers()
         self.actions: list[Action] = []
         self.bad_messages = 0
         self.lost = 0
@@ -162,6 +170,7 @@ class NodeBook:
         methods: Any,
         slots: Any,
         now: float,
+        caller: Any = None,
     ) -> Node:
         node_id = str(uuid.uuid4()) if node_id is None else zerotask.node_id(node_id)
         if node_id in self.nodes:
@@ -172,7 +181,9 @@ class NodeBook:
                 {"node_id": node_id},
             )
         node = Node(node_id, self._queues(queues, methods), self._slots(slots), now)
+        node.caller = caller
         self.nodes[node_id] = node
+        self.callers.add(node)
         self.actions.append(("open", node))
         self._inform(node, now)
         log.info(
@@ -183,8 +194,9 @@ class NodeBook:
         )
         return node
 
-    def seen(self, node_id: Any, now: float) -> Node:
-        """The node making a call (any call is a sign of life); -32030 if unknown."""
+    def seen(self, node_id: Any, now: float, caller: Any = None) -> Node:
+        """The node making a call (any call is a sign of life); -32030 if unknown
+        or connected by another caller."""
         node = self.nodes.get(zerotask.node_id(node_id))
         if node is None:
             raise RpcError(
@@ -193,16 +205,32 @@ class NodeBook:
                 f"{self.config.node_timeout:g} s without a heartbeat; call node_connect",
                 {"node_id": node_id},
             )
+        check(node, caller)
         node.last_seen = now
         return node
 
-    def disconnect(self, node_id: Any, now: float) -> None:
-        node = self.seen(node_id, now)
+    def node_for(self, node_id: Any, task_id: Any, now: float, caller: Any) -> tuple[Node, str]:
+        """The node making a call about a task, and the task id (both checked).
+
+        ``node_id`` is the one named, or :data:`CALLER` when the call left it out.
+        """
+        if node_id is not CALLER:
+            node = self.seen(node_id, now, caller)
+            return node, zerotask.task_id(task_id)
+        tid = zerotask.task_id(task_id)
+        node = self.callers.of(caller, tid, self.holders.get(tid))
+        node.last_seen = now
+        return node, tid
+
+    def disconnect(self, node_id: Any, now: float, caller: Any = None) -> None:
+        node = self.seen(node_id, now, caller)
         self._drop(node, "disconnected")
 
-    def claim(self, node_id: Any, task_id: str, now: float) -> dict[str, Any] | None:
+    def claim(
+        self, node_id: Any, task_id: Any, now: float, caller: Any = None
+    ) -> dict[str, Any] | None:
         """The task for ``node_task_request``; ``None`` if this node does not hold it."""
-        node = self.seen(node_id, now)
+        node, task_id = self.node_for(node_id, task_id, now, caller)
         offer = node.offers.get(task_id)
         if offer is None:
             self._check_aborted(node, task_id)
@@ -213,10 +241,16 @@ class NodeBook:
         return {"method": offer.method, "params": offer.params, "id": task_id}
 
     def report(
-        self, node_id: Any, task_id: str, status: Any, fields: dict[str, Any], now: float
+        self,
+        node_id: Any,
+        task_id: Any,
+        status: Any,
+        fields: dict[str, Any],
+        now: float,
+        caller: Any = None,
     ) -> None:
         """``task_status``: a node says it runs a task, with progress fields."""
-        node = self.seen(node_id, now)
+        node, task_id = self.node_for(node_id, task_id, now, caller)
         offer = self._offer(node, task_id)
         if status not in (zerotask.ASSIGNED, zerotask.RUNNING) or isinstance(status, bool):
             raise RpcError(
@@ -239,8 +273,10 @@ class NodeBook:
         offer.status = status
         offer.claimed = True
 
-    def finish(self, node_id: Any, task_id: str, result: Any, now: float) -> None:
-        node = self.seen(node_id, now)
+    def finish(
+        self, node_id: Any, task_id: Any, result: Any, now: float, caller: Any = None
+    ) -> None:
+        node, task_id = self.node_for(node_id, task_id, now, caller)
         self._offer(node, task_id)
         try:
             outcome = msgspec.json.encode({"value": result})
@@ -249,15 +285,15 @@ class NodeBook:
         self._check_size(outcome, "result")
         self._reply(node, task_id, outcome, now)
 
-    def fail(self, node_id: Any, task_id: str, error: Any, now: float) -> None:
-        node = self.seen(node_id, now)
+    def fail(self, node_id: Any, task_id: Any, error: Any, now: float, caller: Any = None) -> None:
+        node, task_id = self.node_for(node_id, task_id, now, caller)
         self._offer(node, task_id)
         outcome = zerotask.node_error(error)
         self._check_size(outcome, "error")
         self._reply(node, task_id, outcome, now)
 
-    def offers(self, node_id: Any, now: float) -> list[dict[str, Any]]:
-        node = self.seen(node_id, now)
+    def offers(self, node_id: Any, now: float, caller: Any = None) -> list[dict[str, Any]]:
+        node = self.seen(node_id, now, caller)
         return [
             {"method": o.method, "id": o.task_id, "claimed": o.claimed}
             for o in node.offers.values()
@@ -437,9 +473,17 @@ class NodeBook:
         return slots
 
     def _offer(self, node: Node, task_id: str) -> Offer:
+        """The offer of a task ``node`` holds; -32020 for any other (it is left alone)."""
         offer = node.offers.get(task_id)
         if offer is None:
             self._check_aborted(node, task_id)
+            if task_id in self.holders:
+                raise RpcError(
+                    zerotask.INVALID_TASK,
+                    f"task {task_id} is held by another node: node {node.id} can report, "
+                    f"finish or fail only the tasks it holds",
+                    {"task_id": task_id, "held_by": "another node"},
+                )
             raise RpcError(
                 zerotask.INVALID_TASK,
                 f"node {node.id} does not hold task {task_id}",
@@ -506,6 +550,7 @@ class NodeBook:
         if self.nodes.get(node.id) is not node:
             return
         del self.nodes[node.id]
+        self.callers.remove(node)
         for task_id in node.offers:
             if self.holders.get(task_id) is node:
                 del self.holders[task_id]

@@ -10,6 +10,12 @@ something other than :class:`RpcError` an internal error (-32603), logged.
 
 :class:`Methods` binds positional or named params to a handler's parameters
 and answers -32601 / -32602 for unknown methods and params that do not fit.
+
+The transport says who calls: ``handle(raw, dispatch, caller=...)`` puts an
+opaque, hashable ``caller`` (the ZeroMQ routing envelope, or ``None`` when
+the transport has no connection identity, as HTTP) on each :class:`Call`,
+and a method added with ``caller=True`` receives it as its ``caller``
+argument. It is never taken from the params.
 """
 
 from __future__ import annotations
@@ -57,12 +63,14 @@ class RpcError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One well-formed request. ``params`` is ``[]`` when the request had none."""
+    """One well-formed request. ``params`` is ``[]`` when the request had none;
+    ``caller`` names the connection it came on (``None`` when unknown)."""
 
     method: str
     params: list[Any] | dict[str, Any]
     id: str | int | float | None = None
     notification: bool = False
+    caller: Any = None
 
 
 @dataclass(slots=True)
@@ -87,7 +95,7 @@ def _valid_id(value: Any) -> bool:
     return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
 
 
-def _request(obj: Any) -> Call | dict[str, Any]:
+def _request(obj: Any, caller: Any = None) -> Call | dict[str, Any]:
     if not isinstance(obj, dict):
         return error_response(
             None, RpcError(INVALID_REQUEST, "invalid request: a request is a JSON object")
@@ -114,11 +122,13 @@ def _request(obj: Any) -> Call | dict[str, Any]:
             id_,
             RpcError(INVALID_REQUEST, "invalid request: 'params' must be an array or an object"),
         )
-    return Call(method, params, id_, notification=not has_id)
+    return Call(method, params, id_, notification=not has_id, caller=caller)
 
 
-def parse(raw: bytes, *, max_size: int = MAX_REQUEST, max_batch: int = MAX_BATCH) -> Parsed:
-    """Take one message apart; never raises."""
+def parse(
+    raw: bytes, *, max_size: int = MAX_REQUEST, max_batch: int = MAX_BATCH, caller: Any = None
+) -> Parsed:
+    """Take one message apart (its calls made by ``caller``); never raises."""
     if len(raw) > max_size:
         error = RpcError(
             INVALID_REQUEST,
@@ -144,8 +154,8 @@ def parse(raw: bytes, *, max_size: int = MAX_REQUEST, max_batch: int = MAX_BATCH
                 {"limit": max_batch},
             )
             return Parsed(False, [error_response(None, error)])
-        return Parsed(True, [_request(item) for item in obj])
-    return Parsed(False, [_request(obj)])
+        return Parsed(True, [_request(item, caller) for item in obj])
+    return Parsed(False, [_request(obj, caller)])
 
 
 def _encode_response(response: dict[str, Any]) -> bytes:
@@ -192,9 +202,10 @@ async def handle(
     *,
     max_size: int = MAX_REQUEST,
     max_batch: int = MAX_BATCH,
+    caller: Any = None,
 ) -> bytes | None:
-    """Answer one JSON-RPC message (the calls of a batch run concurrently)."""
-    parsed = parse(raw, max_size=max_size, max_batch=max_batch)
+    """Answer one JSON-RPC message from ``caller`` (the calls of a batch run concurrently)."""
+    parsed = parse(raw, max_size=max_size, max_batch=max_batch, caller=caller)
     calls = [item for item in parsed.items if isinstance(item, Call)]
     if len(calls) == 1:
         answers = [await _answer(calls[0], dispatch)]
@@ -216,12 +227,20 @@ class Signature:
     ``required`` of them must be; ``named`` ones only by name (extensions of a
     fixed positional interface). With ``rest``, unknown named params (or one
     object after the positional ones) are collected into that parameter.
+
+    With ``optional_first``, the first positional param may be left out, and
+    only by count: an array of fewer than ``required`` params binds to the
+    positional names after the first (an object simply omits it). What the
+    values are never decides which name they bind to. ``aliases`` are
+    ``(other, name)`` pairs: ``other`` is accepted by name for ``name``.
     """
 
     positional: tuple[str, ...] = ()
     required: int = 0
     named: tuple[str, ...] = ()
     rest: str | None = None
+    optional_first: bool = False
+    aliases: tuple[tuple[str, str], ...] = ()
 
     def bind(self, params: list[Any] | dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments for the handler; :class:`RpcError` (-32602) if they do not fit."""
@@ -230,7 +249,9 @@ class Signature:
         return self._bind_dict(params)
 
     def _bind_list(self, params: list[Any]) -> dict[str, Any]:
-        names = self.positional
+        names, required = self.positional, self.required
+        if self.optional_first and len(params) < required:
+            names, required = names[1:], required - 1
         extra: dict[str, Any] = {}
         if len(params) > len(names):
             if self.rest is not None and len(params) == len(names) + 1:
@@ -248,8 +269,8 @@ class Signature:
                     f"invalid params: takes at most {len(names)} positional params, "
                     f"got {len(params)}",
                 )
-        if len(params) < self.required:
-            missing = ", ".join(names[len(params) : self.required])
+        if len(params) < required:
+            missing = ", ".join(names[len(params) : required])
             raise RpcError(INVALID_PARAMS, f"invalid params: missing {missing}")
         bound = dict(zip(names, params, strict=False))
         if self.rest is not None:
@@ -258,16 +279,21 @@ class Signature:
 
     def _bind_dict(self, params: dict[str, Any]) -> dict[str, Any]:
         known = set(self.positional) | set(self.named)
+        aliases = dict(self.aliases)
         bound: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in params.items():
-            if key in known:
-                bound[key] = value
+            name = aliases.get(key, key)
+            if name in bound:
+                raise RpcError(INVALID_PARAMS, f"invalid params: {name!r} is given twice")
+            if name in known:
+                bound[name] = value
             elif self.rest is not None:
                 extra[key] = value
             else:
                 raise RpcError(INVALID_PARAMS, f"invalid params: unknown param {key[:100]!r}")
-        missing = [n for n in self.positional[: self.required] if n not in bound]
+        start = 1 if self.optional_first else 0
+        missing = [n for n in self.positional[start : self.required] if n not in bound]
         if missing:
             raise RpcError(INVALID_PARAMS, f"invalid params: missing {', '.join(missing)}")
         if self.rest is not None:
@@ -279,13 +305,18 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 class Methods:
-    """A table of methods: name -> (signature, async handler)."""
+    """A table of methods: name -> (signature, async handler).
+
+    A handler added with ``caller=True`` is also given the call's ``caller``.
+    """
 
     def __init__(self) -> None:
-        self._table: dict[str, tuple[Signature, Handler]] = {}
+        self._table: dict[str, tuple[Signature, Handler, bool]] = {}
 
-    def add(self, name: str, signature: Signature, handler: Handler) -> None:
-        self._table[name] = (signature, handler)
+    def add(
+        self, name: str, signature: Signature, handler: Handler, *, caller: bool = False
+    ) -> None:
+        self._table[name] = (signature, handler, caller)
 
     def __contains__(self, name: object) -> bool:
         return name in self._table
@@ -302,5 +333,8 @@ class Methods:
                 f"method not found: {call.method[:200]!r}",
                 {"method": call.method[:200]},
             )
-        signature, handler = entry
-        return await handler(**signature.bind(call.params))
+        signature, handler, wants_caller = entry
+        kwargs = signature.bind(call.params)
+        if wants_caller:
+            kwargs["caller"] = call.caller
+        return await handler(**kwargs)

@@ -5,7 +5,10 @@
   when nothing is owed (a notification), so the REQ socket can go on; a
   DEALER that sends ``[json]`` with no delimiter gets an answer only when one
   is owed. Requests are answered concurrently, each as soon as it is done.
-* HTTP: ``POST /rpc`` at ``http`` (default ``127.0.0.1:5557``).
+  The routing frames (the peer's routing id, and any a proxy added) are the
+  call's caller: the nodes a socket connects are that socket's.
+* HTTP: ``POST /rpc`` at ``http`` (default ``127.0.0.1:5557``), with no
+  caller identity (``None``): a node names itself (``node_id`` first).
 * PUB at ``pub`` (default ``tcp://127.0.0.1:5556``): two frames per notice,
   the topic (``node:<node_id>:`` or ``client:<client_id>:``) and the JSON-RPC
   notification.
@@ -220,12 +223,13 @@ class GatewayServer:
 
     # ------------------------------------------------------------ requests
 
-    async def _handle(self, raw: bytes) -> bytes | None:
+    async def _handle(self, raw: bytes, caller: Any = None) -> bytes | None:
         return await handle_rpc(
             raw,
             self.gateway.dispatch,
             max_size=self.config.max_request,
             max_batch=self.config.max_batch,
+            caller=caller,
         )
 
     def _on_rpc(self, frames: list[bytes]) -> None:
@@ -237,6 +241,8 @@ class GatewayServer:
             envelope, body, always = frames[:1], frames[1:], False
         else:
             envelope, body, always = frames[: delimiter + 1], frames[delimiter + 1 :], True
+        # The caller: the routing frames, without the delimiter.
+        caller = tuple(envelope[:-1] if always else envelope)
         if self.pending >= self.config.max_pending:
             self.busy_refusals += 1
             self._send_rpc(envelope, _BUSY)
@@ -250,13 +256,15 @@ class GatewayServer:
             return
         self.pending += 1
         raw = body[0] if body else b""
-        task = asyncio.ensure_future(self._answer_rpc(envelope, raw, always))
+        task = asyncio.ensure_future(self._answer_rpc(envelope, raw, always, caller))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer_rpc(self, envelope: list[bytes], raw: bytes, always: bool) -> None:
+    async def _answer_rpc(
+        self, envelope: list[bytes], raw: bytes, always: bool, caller: tuple[bytes, ...]
+    ) -> None:
         try:
-            answer = await self._handle(raw)
+            answer = await self._handle(raw, caller)
         finally:
             self.pending -= 1
         if answer is not None or always:

@@ -12,6 +12,21 @@ life of this gateway process; the other client methods need a connected id
 (an ``owner:<client_id>`` header token), so after a gateway restart a client
 connects again with the same id and finds its tasks. A client id is
 therefore a bearer name: let the gateway make one up to keep it private.
+
+Nodes. A node belongs to the connection that called ``node_connect`` for it
+(:mod:`corral.gateway.callers`). ``node_task_request``, ``node_task_finished``
+and ``node_task_failed`` take the spec's params, ``(task_id)``,
+``(task_id, task_result)`` and ``(task_id, error)``, and the older forms
+with the node first, ``(node_id, task_id[, ...])``. Which one a call is is
+decided by the count of params alone, never by their values (a task id may
+look like a node id): one fewer than the node-first form means the node is
+left out and is the caller's node; by name, ``node_id`` is simply present or
+not (``task_result`` may be given as ``result``). The node-first form is
+refused (-32030) when that node was connected over another connection, and
+the spec's form needs a transport that identifies connections (ZeroMQ, not
+HTTP, where a node names itself). A node that reports, finishes or fails a
+task it does not hold (another node's, say) gets -32020 and the task is left
+as it was.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from typing import Any
 import msgspec
 
 from corral.gateway import zerotask
+from corral.gateway.callers import CALLER
 from corral.gateway.link import BrokerLink, BrokerUnavailable, QueryFailed, Refused
 from corral.gateway.nodes import NodeBook, notice
 from corral.gateway.rpc import INTERNAL_ERROR, INVALID_PARAMS, Call, Methods, RpcError, Signature
@@ -109,6 +125,15 @@ class Gateway:
         add(
             BROKER + "client_task_result", sig(("client_id", "task_id"), 2), self.client_task_result
         )
+        # corral's extensions
+        add("corral.task_info", sig(("client_id", "task_id"), 2), self.task_info)
+        self._register_nodes()
+
+    def _register_nodes(self) -> None:
+        def add(name: str, signature: Signature, handler: Any) -> None:
+            self.methods.add(name, signature, handler, caller=True)
+
+        sig = Signature
         add(
             BROKER + "node_connect",
             sig(("node_id",), 0, ("queues", "methods", "slots")),
@@ -116,7 +141,11 @@ class Gateway:
         )
         add(BROKER + "node_heartbeat", sig(("node_id",), 1), self.node_heartbeat)
         add(BROKER + "node_disconnect", sig(("node_id",), 1), self.node_disconnect)
-        add(BROKER + "node_task_request", sig(("node_id", "task_id"), 2), self.node_task_request)
+        add(
+            BROKER + "node_task_request",
+            sig(("node_id", "task_id"), 2, optional_first=True),
+            self.node_task_request,
+        )
         add(
             BROKER + "task_status",
             sig(("node_id", "task_id", "status"), 3, rest="fields"),
@@ -124,16 +153,19 @@ class Gateway:
         )
         add(
             BROKER + "node_task_finished",
-            sig(("node_id", "task_id", "result"), 3),
+            sig(
+                ("node_id", "task_id", "result"),
+                3,
+                optional_first=True,
+                aliases=(("task_result", "result"),),
+            ),
             self.node_task_finished,
         )
         add(
             BROKER + "node_task_failed",
-            sig(("node_id", "task_id", "error"), 3),
+            sig(("node_id", "task_id", "error"), 3, optional_first=True),
             self.node_task_failed,
         )
-        # corral's extensions
-        add("corral.task_info", sig(("client_id", "task_id"), 2), self.task_info)
         add("corral.node_tasks", sig(("node_id",), 1), self.node_tasks)
 
     # ------------------------------------------------------------ clients
@@ -310,24 +342,32 @@ class Gateway:
 
     # ------------------------------------------------------------ nodes
 
+    # Each takes ``caller``, the connection the call came on; ``node_id`` is
+    # CALLER when the call left it out (see the module docstring).
+
     async def node_connect(
-        self, node_id: Any = None, queues: Any = None, methods: Any = None, slots: Any = None
+        self,
+        node_id: Any = None,
+        queues: Any = None,
+        methods: Any = None,
+        slots: Any = None,
+        caller: Any = None,
     ) -> str:
-        return self.nodes.connect(node_id, queues, methods, slots, self.clock()).id
+        return self.nodes.connect(node_id, queues, methods, slots, self.clock(), caller).id
 
-    async def node_heartbeat(self, node_id: Any) -> bool:
-        self.nodes.seen(node_id, self.clock())
+    async def node_heartbeat(self, node_id: Any, caller: Any = None) -> bool:
+        self.nodes.seen(node_id, self.clock(), caller)
         return True
 
-    async def node_disconnect(self, node_id: Any) -> bool:
-        self.nodes.disconnect(node_id, self.clock())
+    async def node_disconnect(self, node_id: Any, caller: Any = None) -> bool:
+        self.nodes.disconnect(node_id, self.clock(), caller)
         return True
 
-    async def node_task_request(self, node_id: Any, task_id: Any) -> dict[str, Any]:
-        now = self.clock()
-        self.nodes.seen(node_id, now)
+    async def node_task_request(
+        self, task_id: Any, node_id: Any = CALLER, caller: Any = None
+    ) -> dict[str, Any]:
+        task = self.nodes.claim(node_id, task_id, self.clock(), caller)
         tid = zerotask.task_id(task_id)
-        task = self.nodes.claim(node_id, tid, now)
         if task is not None:
             return task
         if self.nodes.holder(tid) is not None:
@@ -343,27 +383,30 @@ class Gateway:
         return {}
 
     async def task_status(
-        self, node_id: Any, task_id: Any, status: Any, fields: dict[str, Any]
+        self,
+        node_id: Any,
+        task_id: Any,
+        status: Any,
+        fields: dict[str, Any],
+        caller: Any = None,
     ) -> bool:
-        now = self.clock()
-        self.nodes.seen(node_id, now)
-        self.nodes.report(node_id, zerotask.task_id(task_id), status, fields, now)
+        self.nodes.report(node_id, task_id, status, fields, self.clock(), caller)
         return True
 
-    async def node_task_finished(self, node_id: Any, task_id: Any, result: Any) -> bool:
-        now = self.clock()
-        self.nodes.seen(node_id, now)
-        self.nodes.finish(node_id, zerotask.task_id(task_id), result, now)
+    async def node_task_finished(
+        self, task_id: Any, result: Any, node_id: Any = CALLER, caller: Any = None
+    ) -> bool:
+        self.nodes.finish(node_id, task_id, result, self.clock(), caller)
         return True
 
-    async def node_task_failed(self, node_id: Any, task_id: Any, error: Any) -> bool:
-        now = self.clock()
-        self.nodes.seen(node_id, now)
-        self.nodes.fail(node_id, zerotask.task_id(task_id), error, now)
+    async def node_task_failed(
+        self, task_id: Any, error: Any, node_id: Any = CALLER, caller: Any = None
+    ) -> bool:
+        self.nodes.fail(node_id, task_id, error, self.clock(), caller)
         return True
 
-    async def node_tasks(self, node_id: Any) -> list[dict[str, Any]]:
-        return self.nodes.offers(node_id, self.clock())
+    async def node_tasks(self, node_id: Any, caller: Any = None) -> list[dict[str, Any]]:
+        return self.nodes.offers(node_id, self.clock(), caller)
 
 
 def _headers(cid: str, timeout: Any, retries: Any, guarantee: Any, label: Any) -> Headers:
