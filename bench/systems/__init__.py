@@ -32,6 +32,13 @@ SYSTEMS: list[Spec] = [
         options={"store": "memory://"},
     ),
     Spec(
+        "corral-curve",
+        "corral, CURVE",
+        "bench.systems.corral_sys",
+        "corral",
+        options={"curve": "1"},
+    ),
+    Spec(
         "celery-redis",
         "Celery + Redis",
         "bench.systems.celery_sys",

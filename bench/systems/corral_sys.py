@@ -18,6 +18,9 @@ class CorralAdapter(Adapter):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.store = ctx.options.get("store")
+        #: CURVE on every socket: the broker's key directory, its worker and client bundles.
+        self.curve = bool(ctx.options.get("curve"))
+        self.keys: dict[str, str | None] = {"broker": None, "worker": None, "client": None}
         self.client: corral.Client | None = None
         self.addrs: dict[str, str] = {}
 
@@ -25,7 +28,8 @@ class CorralAdapter(Adapter):
         return {
             "version": f"corral {metadata.version('corral')}",
             "broker": "corral broker, "
-            + (f"--store {self.store}" if self.store else "SQLite store (WAL, group commit)"),
+            + (f"--store {self.store}" if self.store else "SQLite store (WAL, group commit)")
+            + (", --keys (CURVE on every socket, a worker and a client key)" if self.curve else ""),
             "worker": "one `corral worker -c SLOTS` (process pool), default prefetch (per "
             "process as many jobs as run in 5 ms, 1 to 16; taken back for an idle process "
             "elsewhere)",
@@ -40,6 +44,10 @@ class CorralAdapter(Adapter):
             name: f"tcp://{LOOPBACK}:{free_port()}" for name in ("frontend", "backend", "admin")
         }
         data = self.ctx.workdir / "corral-data"
+        if self.curve:
+            self._make_keys()
+        broker_keys = ["--keys", self.keys["broker"]] if self.keys["broker"] else []
+        worker_keys = ["--keys", self.keys["worker"]] if self.keys["worker"] else []
         broker = [
             self.python,
             "-m",
@@ -59,6 +67,7 @@ class CorralAdapter(Adapter):
             str(data),
             "--log-level",
             "warning",
+            *broker_keys,
         ]
         if self.store:
             broker += ["--store", self.store]
@@ -79,21 +88,40 @@ class CorralAdapter(Adapter):
                 "bench.tick",
                 "--log-level",
                 "warning",
+                *worker_keys,
             ],
         )
         wait_until(lambda: self._free_slots() >= slots, 60, "corral worker's slots", procs=[b, w])
-        self.client = corral.Client(self.addrs["frontend"], ack_timeout=60)
+        self.client = corral.Client(
+            self.addrs["frontend"], ack_timeout=60, keys=self.keys["client"]
+        )
         self.slots = slots
+
+    def _make_keys(self) -> None:
+        from corral.security.keys import add_peer, init_keys
+
+        directory = self.ctx.workdir / "corral-keys"
+        if not (directory / "broker.key_secret").exists():
+            init_keys(str(directory))
+        self.keys = {
+            "broker": str(directory),
+            "worker": add_peer(str(directory), "bench-worker", ["worker"]),
+            "client": add_peer(str(directory), "bench-client", ["client"]),
+        }
 
     def _status(self) -> Any:
         try:
-            return admin_request("STATUS", self.addrs["admin"], timeout=0.3)
+            return admin_request(
+                "STATUS", self.addrs["admin"], timeout=0.3, keys=self.keys["broker"]
+            )
         except AdminError:
             return None
 
     def _free_slots(self) -> int:
         try:
-            shown = admin_request("ROUTER_SHOW_WORKERS", self.addrs["admin"], timeout=0.5)
+            shown = admin_request(
+                "ROUTER_SHOW_WORKERS", self.addrs["admin"], timeout=0.5, keys=self.keys["broker"]
+            )
         except AdminError:
             return 0
         return sum(w["available_slots"] for w in shown["connected_workers"].values())
