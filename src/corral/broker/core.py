@@ -256,10 +256,9 @@ class BrokerCore:
             self.extensions[msg.command](Dest.FRONTEND, identity, msg, now, peer)
         else:
             # DISCONNECT too: only an admin on the admin socket stops the broker.
-            where = "admin socket" if isinstance(msg, Disconnect) else "backend"
             detail = f"{msg.command.value} is not accepted on the frontend"
             if isinstance(msg, Disconnect):
-                detail += f" (send it to the {where}, with an admin key)"
+                detail += " (send it to the admin socket, with an admin key)"
             self._refuse(Dest.FRONTEND, identity, "unexpected-command", detail, msg.msgid)
 
     def on_backend(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -72,24 +73,24 @@ BROKER_SECURITY_OPTIONS = [
 ]
 
 
-def server_keys(path: str | None) -> ServerKeys | None:
-    """The broker's keys from ``--keys``, or a one-line error."""
+def _loaded(load: Callable[[str], Any], path: str | None) -> Any:
+    """``load(path)`` for a ``--keys`` option (``None`` without one), or a one-line error."""
     if not path:
         return None
     try:
-        return load_server_keys(path)
+        return load(path)
     except KeysError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def server_keys(path: str | None) -> ServerKeys | None:
+    """The broker's keys from ``--keys``, or a one-line error."""
+    return _loaded(load_server_keys, path)
 
 
 def peer_keys(path: str | None) -> PeerKeys | None:
     """A peer's keys from ``--keys``, or a one-line error."""
-    if not path:
-        return None
-    try:
-        return load_peer_keys(path)
-    except KeysError as exc:
-        raise click.ClickException(str(exc)) from None
+    return _loaded(load_peer_keys, path)
 
 
 def security_config(keys: str | None, open_endpoints: str, insecure: bool) -> Any:
